@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Start PostgreSQL and a local Kafka-compatible broker (tansu) if needed, then run the test suite.
+# The tests find the services through the DB_* and KAFKA_* environment variables.
+# Extra arguments are passed to `cargo test`, e.g. scripts/test.sh -- --nocapture
+set -euo pipefail
+
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "${PUBSUB_REPO_ROOT}"
+
+export_default_env
+ensure_services
+
+log "cargo test --locked --all-targets $*"
+exec cargo test --locked --all-targets "$@"

@@ -1,0 +1,368 @@
+//! Configuration from FOLIO's environment variable names, validated once at start-up.
+//!
+//! Every problem is reported as one line naming the variable and what is wrong with it; secrets
+//! are wrapped in [`SecretString`] so that they never reach a log line or a `Debug` dump.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+
+/// A configuration problem: the variable and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{var}: {problem}")]
+pub struct ConfigError {
+    pub var: String,
+    pub problem: String,
+}
+
+#[derive(Clone)]
+pub struct DbConfig {
+    pub host: String,
+    pub port: u16,
+    pub username: String,
+    pub password: SecretString,
+    pub database: String,
+    pub max_pool_size: u32,
+    /// `DB_QUERYTIMEOUT` (ms), applied as PostgreSQL's `statement_timeout`.
+    pub query_timeout: Duration,
+    /// How long a request waits for a pooled connection before answering 503.
+    pub connect_timeout: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct KafkaConfig {
+    pub host: String,
+    pub port: u16,
+    pub replication_factor: i32,
+    pub number_of_partitions: i32,
+}
+
+#[derive(Clone)]
+pub struct SystemUserConfig {
+    pub create: bool,
+    pub name: String,
+    pub password: SecretString,
+}
+
+#[derive(Clone)]
+pub struct Config {
+    pub http_port: u16,
+    pub db: DbConfig,
+    pub kafka: KafkaConfig,
+    /// `ENV`: the prefix of every topic name.
+    pub env: String,
+    pub okapi_url: url::Url,
+    pub system_user: SystemUserConfig,
+    /// Largest accepted request body, in bytes (`MAX_REQUEST_SIZE`, default 1 MiB).
+    pub max_request_size: usize,
+}
+
+impl fmt::Debug for DbConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DbConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("username", &self.username)
+            .field("password", &"[redacted]")
+            .field("database", &self.database)
+            .field("max_pool_size", &self.max_pool_size)
+            .field("query_timeout", &self.query_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
+}
+
+impl fmt::Debug for SystemUserConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SystemUserConfig")
+            .field("create", &self.create)
+            .field("name", &self.name)
+            .field("password", &"[redacted]")
+            .finish()
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("http_port", &self.http_port)
+            .field("db", &self.db)
+            .field("kafka", &self.kafka)
+            .field("env", &self.env)
+            .field("okapi_url", &self.okapi_url.as_str())
+            .field("system_user", &self.system_user)
+            .field("max_request_size", &self.max_request_size)
+            .finish()
+    }
+}
+
+struct Reader<'a> {
+    lookup: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl Reader<'_> {
+    /// The variable's value, with surrounding white space removed; unset and blank are the same.
+    fn get(&self, var: &str) -> Option<String> {
+        (self.lookup)(var)
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+    }
+
+    fn string(&self, var: &str, default: &str) -> String {
+        self.get(var).unwrap_or_else(|| default.to_owned())
+    }
+
+    fn number<T>(&self, var: &str, default: T, min: T, max: T) -> Result<T, ConfigError>
+    where
+        T: std::str::FromStr + PartialOrd + fmt::Display + Copy,
+    {
+        let Some(raw) = self.get(var) else {
+            return Ok(default);
+        };
+        match raw.parse::<T>() {
+            Ok(v) if v >= min && v <= max => Ok(v),
+            _ => Err(err(
+                var,
+                format!("must be a whole number from {min} to {max}, got \"{raw}\""),
+            )),
+        }
+    }
+
+    fn bool(&self, var: &str, default: bool) -> Result<bool, ConfigError> {
+        let Some(raw) = self.get(var) else {
+            return Ok(default);
+        };
+        match raw.to_ascii_lowercase().as_str() {
+            "true" => Ok(true),
+            "false" => Ok(false),
+            _ => Err(err(var, format!("must be true or false, got \"{raw}\""))),
+        }
+    }
+}
+
+fn err(var: &str, problem: impl Into<String>) -> ConfigError {
+    ConfigError {
+        var: var.to_owned(),
+        problem: problem.into(),
+    }
+}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(&|k| std::env::var(k).ok())
+    }
+
+    /// Reads from a map; for tests.
+    pub fn from_map(map: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        Self::from_lookup(&|k| map.get(k).cloned())
+    }
+
+    pub fn from_lookup(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let r = Reader { lookup };
+
+        let http_port = r.number("HTTP_PORT", 8081u16, 0, u16::MAX)?;
+
+        let db = DbConfig {
+            host: r.string("DB_HOST", "localhost"),
+            port: r.number("DB_PORT", 5432u16, 1, u16::MAX)?,
+            username: r.string("DB_USERNAME", "folio_admin"),
+            password: SecretString::from(r.string("DB_PASSWORD", "folio_admin")),
+            database: r.string("DB_DATABASE", "okapi_modules"),
+            max_pool_size: r.number("DB_MAXPOOLSIZE", 5u32, 1, 1000)?,
+            query_timeout: Duration::from_millis(r.number(
+                "DB_QUERYTIMEOUT",
+                60_000u64,
+                1,
+                86_400_000,
+            )?),
+            connect_timeout: Duration::from_millis(r.number(
+                "DB_CONNECTIONTIMEOUT",
+                5_000u64,
+                1,
+                600_000,
+            )?),
+        };
+
+        let kafka = KafkaConfig {
+            host: r.string("KAFKA_HOST", "localhost"),
+            port: r.number("KAFKA_PORT", 9092u16, 1, u16::MAX)?,
+            replication_factor: r.number("REPLICATION_FACTOR", 1i32, 1, i16::MAX as i32)?,
+            number_of_partitions: r.number("NUMBER_OF_PARTITIONS", 1i32, 1, 100_000)?,
+        };
+        if kafka.host.chars().any(|c| c.is_whitespace() || c == '/') {
+            return Err(err(
+                "KAFKA_HOST",
+                format!("must be a host name or address, got \"{}\"", kafka.host),
+            ));
+        }
+
+        let env = r.string("ENV", "folio");
+        let env_ok = env.len() <= 64
+            && env
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !env_ok {
+            return Err(err(
+                "ENV",
+                format!("must be 1 to 64 characters from [A-Za-z0-9_-] (it prefixes Kafka topic names), got \"{env}\""),
+            ));
+        }
+
+        let raw_okapi = r.string("OKAPI_URL", "http://localhost:9130");
+        let okapi_url = match url::Url::parse(&raw_okapi) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => u,
+            _ => {
+                return Err(err(
+                    "OKAPI_URL",
+                    format!("must be an http or https URL, got \"{raw_okapi}\""),
+                ))
+            }
+        };
+
+        let create = r.bool("SYSTEM_USER_CREATE", true)?;
+        let name = r.get("SYSTEM_USER_NAME");
+        let password = r.get("SYSTEM_USER_PASSWORD");
+        if create {
+            let missing: Vec<&str> = [
+                ("SYSTEM_USER_NAME", &name),
+                ("SYSTEM_USER_PASSWORD", &password),
+            ]
+            .into_iter()
+            .filter(|(_, v)| v.is_none())
+            .map(|(k, _)| k)
+            .collect();
+            if !missing.is_empty() {
+                return Err(err(
+                    &missing.join(", "),
+                    format!(
+                        "Invalid system user credentials. Please provide non-blank values for system variables: [{}] (or set SYSTEM_USER_CREATE=false)",
+                        missing.join(", ")
+                    ),
+                ));
+            }
+        }
+        let system_user = SystemUserConfig {
+            create,
+            name: name.unwrap_or_default(),
+            password: SecretString::from(password.unwrap_or_default()),
+        };
+
+        let max_request_size =
+            r.number("MAX_REQUEST_SIZE", 1_048_576usize, 1024, 100 * 1024 * 1024)?;
+
+        Ok(Config {
+            http_port,
+            db,
+            kafka,
+            env,
+            okapi_url,
+            system_user,
+            max_request_size,
+        })
+    }
+}
+
+impl DbConfig {
+    pub fn connect_options(&self) -> sqlx::postgres::PgConnectOptions {
+        sqlx::postgres::PgConnectOptions::new()
+            .host(&self.host)
+            .port(self.port)
+            .username(&self.username)
+            .password(self.password.expose_secret())
+            .database(&self.database)
+            .application_name("mod-pubsub")
+            .options([(
+                "statement_timeout",
+                self.query_timeout.as_millis().to_string(),
+            )])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let mut map: HashMap<String, String> = [
+            ("SYSTEM_USER_NAME", "pub-sub"),
+            ("SYSTEM_USER_PASSWORD", "s3cret"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        for (k, v) in pairs {
+            map.insert(k.to_string(), v.to_string());
+        }
+        Config::from_map(&map)
+    }
+
+    #[test]
+    fn defaults() {
+        let c = cfg(&[]).unwrap();
+        assert_eq!(c.http_port, 8081);
+        assert_eq!(c.env, "folio");
+        assert_eq!(c.db.port, 5432);
+        assert_eq!(c.db.max_pool_size, 5);
+        assert_eq!(c.kafka.port, 9092);
+        assert_eq!(c.kafka.replication_factor, 1);
+        assert_eq!(c.max_request_size, 1_048_576);
+        assert!(c.system_user.create);
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        for (var, value) in [
+            ("DB_PORT", "abc"),
+            ("DB_PORT", "0"),
+            ("HTTP_PORT", "70000"),
+            ("KAFKA_PORT", "-1"),
+            ("DB_MAXPOOLSIZE", "0"),
+            ("REPLICATION_FACTOR", "0"),
+            ("NUMBER_OF_PARTITIONS", "x"),
+            ("ENV", "a.b"),
+            ("OKAPI_URL", "not a url"),
+            ("OKAPI_URL", "ftp://x"),
+            ("SYSTEM_USER_CREATE", "yes"),
+            ("KAFKA_HOST", "a b"),
+        ] {
+            let e = cfg(&[(var, value)]).unwrap_err();
+            assert_eq!(e.var, var, "{var}={value}: {e}");
+            assert!(e.to_string().starts_with(var));
+        }
+    }
+
+    #[test]
+    fn system_user_credentials_required_unless_disabled() {
+        let map: HashMap<String, String> = HashMap::new();
+        let e = Config::from_map(&map).unwrap_err();
+        assert!(
+            e.problem
+                .contains("[SYSTEM_USER_NAME, SYSTEM_USER_PASSWORD]"),
+            "{e}"
+        );
+        let e = Config::from_map(&HashMap::from([
+            ("SYSTEM_USER_NAME".into(), "x".into()),
+            ("SYSTEM_USER_PASSWORD".into(), "   ".into()),
+        ]))
+        .unwrap_err();
+        assert!(e.problem.contains("[SYSTEM_USER_PASSWORD]"), "{e}");
+        let c = Config::from_map(&HashMap::from([(
+            "SYSTEM_USER_CREATE".into(),
+            "false".into(),
+        )]))
+        .unwrap();
+        assert!(!c.system_user.create);
+    }
+
+    #[test]
+    fn secrets_are_not_in_debug_output() {
+        let c = cfg(&[("DB_PASSWORD", "hunter2")]).unwrap();
+        let dump = format!("{c:?}");
+        assert!(!dump.contains("hunter2"));
+        assert!(!dump.contains("s3cret"));
+        assert!(dump.contains("[redacted]"));
+    }
+}

@@ -1,0 +1,296 @@
+//! Extractors that validate at the edge and reject in FOLIO's formats.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{header, StatusCode};
+use serde::de::DeserializeOwned;
+
+use crate::domain::TenantId;
+use crate::error::{codes, AppError, ErrorItem};
+
+pub const TENANT_HEADER: &str = "x-okapi-tenant";
+
+/// The request's tenant, from `X-Okapi-Tenant`. Missing → 400 "… Tenant must be set" (as RMB);
+/// not a valid [`TenantId`] → 400, and the value goes nowhere.
+#[derive(Debug, Clone)]
+pub struct Tenant(pub TenantId);
+
+impl<S: Send + Sync> FromRequestParts<S> for Tenant {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let Some(raw) = parts.headers.get(TENANT_HEADER) else {
+            return Err(AppError::BadRequest(
+                "No X-Okapi-Tenant header. Tenant must be set".into(),
+            ));
+        };
+        let raw = raw.to_str().map_err(|_| {
+            AppError::BadRequest(format!(
+                "Invalid X-Okapi-Tenant header: it must be {}",
+                TenantId::RULE
+            ))
+        })?;
+        TenantId::parse(raw).map(Tenant).map_err(|_| {
+            AppError::BadRequest(format!(
+                "Invalid X-Okapi-Tenant header: it must be {}",
+                TenantId::RULE
+            ))
+        })
+    }
+}
+
+/// A JSON body parsed the way RMB does: a wrong content type or malformed JSON → 400
+/// `text/plain`; an unknown field, a missing required field, a wrong type or an invalid value
+/// → 422 `errors` naming the field; a body over the limit → 413.
+#[derive(Debug, Clone)]
+pub struct FolioJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for FolioJson<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = AppError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
+            let ct = ct.to_str().unwrap_or("");
+            let essence = ct
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
+            if essence != "application/json" && !essence.ends_with("+json") {
+                return Err(AppError::BadRequest(format!(
+                    "Content-Type \"{ct}\" is not supported; send application/json"
+                )));
+            }
+        }
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                AppError::PayloadTooLarge("Request body is too large".into())
+            } else {
+                AppError::BadRequest(rejection.body_text())
+            }
+        })?;
+        parse_json(&bytes).map(FolioJson)
+    }
+}
+
+/// Parses and validates a JSON document (see [`FolioJson`]).
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AppError> {
+    let value: serde_json::Value = serde_json::from_slice(bytes)
+        .map_err(|e| AppError::BadRequest(format!("Malformed JSON: {e}")))?;
+    if !value.is_object() {
+        return Err(AppError::BadRequest(
+            "Malformed JSON: the request body must be a JSON object".into(),
+        ));
+    }
+    serde_path_to_error::deserialize::<_, T>(&value)
+        .map_err(|e| AppError::unprocessable(vec![describe(&e, &value)]))
+}
+
+/// Turns a serde error at a path into the FOLIO error item that names the field.
+fn describe(
+    err: &serde_path_to_error::Error<serde_json::Error>,
+    doc: &serde_json::Value,
+) -> ErrorItem {
+    let path = err.path().to_string();
+    let path = if path == "." { String::new() } else { path };
+    let inner = err.inner().to_string();
+    let join = |field: &str| {
+        if path.is_empty() {
+            field.to_owned()
+        } else {
+            format!("{path}.{field}")
+        }
+    };
+
+    if let Some(field) = between(&inner, "missing field `", "`") {
+        return ErrorItem::field(join(field), "null", "must not be null", codes::NOT_NULL);
+    }
+    if let Some(field) = between(&inner, "unknown field `", "`") {
+        // The path already ends with the unknown field.
+        let key = if path.ends_with(field) {
+            path.clone()
+        } else {
+            join(field)
+        };
+        return ErrorItem::field(
+            key,
+            value_at(doc, err.path()),
+            format!("Unrecognized field \"{field}\""),
+            codes::UNRECOGNIZED,
+        );
+    }
+    let value = value_at(doc, err.path());
+    if inner.starts_with("invalid type: null") {
+        return ErrorItem::field(path, "null", "must not be null", codes::NOT_NULL);
+    }
+    if inner.starts_with("must match") {
+        return ErrorItem::field(path, value, inner, codes::PATTERN);
+    }
+    ErrorItem::field(path, value, inner, codes::INVALID_VALUE)
+}
+
+fn between<'a>(s: &'a str, start: &str, end: &str) -> Option<&'a str> {
+    let rest = s.split_once(start)?.1;
+    Some(rest.split_once(end)?.0)
+}
+
+/// The offending value as text, for the error's `value` parameter.
+fn value_at(doc: &serde_json::Value, path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut cur = Some(doc);
+    for seg in path.iter() {
+        cur = match (seg, cur) {
+            (Segment::Seq { index }, Some(v)) => v.get(*index),
+            (Segment::Map { key }, Some(v)) => v.get(key.as_str()),
+            _ => None,
+        };
+    }
+    match cur {
+        None | Some(serde_json::Value::Null) => "null".into(),
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(other) => {
+            let text = other.to_string();
+            if text.len() > 200 {
+                format!("{}…", &text[..text.floor_char_boundary(200)])
+            } else {
+                text
+            }
+        }
+    }
+}
+
+/// Serde helpers for FOLIO's lenient scalars.
+pub mod lenient {
+    use serde::de::{self, Deserializer, Unexpected, Visitor};
+    use std::fmt;
+
+    /// An integer that may also arrive as a numeric string (Jackson coerces `"1"`), 0 to
+    /// `i32::MAX`.
+    pub fn non_negative_int<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = i64;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an integer")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<i64, E> {
+                check(v)
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<i64, E> {
+                i64::try_from(v)
+                    .map_err(|_| E::custom(RANGE))
+                    .and_then(check)
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<i64, E> {
+                if v.fract() == 0.0 && v.abs() < 1e15 {
+                    check(v as i64)
+                } else {
+                    Err(E::invalid_type(Unexpected::Float(v), &self))
+                }
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<i64, E> {
+                v.trim()
+                    .parse::<i64>()
+                    .map_err(|_| E::invalid_value(Unexpected::Str(v), &self))
+                    .and_then(check)
+            }
+        }
+        const RANGE: &str = "must be an integer from 0 to 2147483647";
+        fn check<E: de::Error>(v: i64) -> Result<i64, E> {
+            if (0..=i64::from(i32::MAX)).contains(&v) {
+                Ok(v)
+            } else {
+                Err(E::custom(RANGE))
+            }
+        }
+        d.deserialize_any(V)
+    }
+
+    /// Optional free text; PostgreSQL cannot store NUL characters, so they are refused here.
+    pub fn optional_text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+        let v = <Option<String> as serde::Deserialize>::deserialize(d)?;
+        match v {
+            Some(s) if s.contains('\0') => {
+                Err(de::Error::custom("must not contain NUL characters"))
+            }
+            other => Ok(other),
+        }
+    }
+
+    /// A boolean where `null` means `false` (the schema default).
+    pub fn bool_or_null<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+        Ok(<Option<bool> as serde::Deserialize>::deserialize(d)?.unwrap_or(false))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields, rename_all = "camelCase")]
+    #[allow(dead_code)]
+    struct Outer {
+        name: String,
+        items: Vec<Inner>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields, rename_all = "camelCase")]
+    #[allow(dead_code)]
+    struct Inner {
+        #[serde(rename = "eventTTL", deserialize_with = "lenient::non_negative_int")]
+        ttl: i64,
+    }
+
+    fn item(body: &str) -> ErrorItem {
+        match parse_json::<Outer>(body.as_bytes()) {
+            Err(AppError::Unprocessable(e)) => e.errors[0].clone(),
+            other => panic!("expected 422, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn names_fields_in_errors() {
+        let e = item(r#"{"items":[]}"#);
+        assert_eq!(e.parameters[0].key, "name");
+        assert_eq!(e.message, "must not be null");
+
+        let e = item(r#"{"name":"x","items":[{"eventTTL":1},{"eventTTL":1,"bogus":true}]}"#);
+        assert_eq!(e.parameters[0].key, "items[1].bogus");
+        assert_eq!(e.parameters[0].value, "true");
+        assert_eq!(e.message, "Unrecognized field \"bogus\"");
+
+        let e = item(r#"{"name":"x","items":[{"eventTTL":"abc"}]}"#);
+        assert_eq!(e.parameters[0].key, "items[0].eventTTL");
+        assert_eq!(e.parameters[0].value, "abc");
+
+        let e = item(r#"{"name":null,"items":[]}"#);
+        assert_eq!(e.parameters[0].key, "name");
+        assert_eq!(e.message, "must not be null");
+
+        let e = item(r#"{"name":"x","items":[{"eventTTL":-1}]}"#);
+        assert_eq!(e.parameters[0].key, "items[0].eventTTL");
+    }
+
+    #[test]
+    fn accepts_numeric_strings() {
+        let o: Outer = parse_json(br#"{"name":"x","items":[{"eventTTL":"7"}]}"#).unwrap();
+        assert_eq!(o.items[0].ttl, 7);
+    }
+
+    #[test]
+    fn malformed_json_is_400() {
+        assert!(matches!(
+            parse_json::<Outer>(b"{nope"),
+            Err(AppError::BadRequest(_))
+        ));
+    }
+}

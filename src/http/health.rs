@@ -1,0 +1,41 @@
+//! `GET /admin/health`: 200 while PostgreSQL answers, 503 with the reason when it does not.
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::AppState;
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(health))
+}
+
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Health of the service and its database.
+#[utoipa::path(get, path = "/admin/health", tag = "admin",
+    responses((status = 200, description = "Healthy", body = String, content_type = "text/plain"),
+              (status = 503, description = "A dependency is down; the body says which", body = String, content_type = "text/plain")))]
+async fn health(State(state): State<AppState>) -> impl IntoResponse {
+    let probe = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&state.pool);
+    let problem = match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
+        Ok(Ok(_)) => None,
+        Ok(Err(err)) => Some(format!("database: {err}")),
+        Err(_) => Some(format!(
+            "database: no answer within {} s",
+            PROBE_TIMEOUT.as_secs()
+        )),
+    };
+    let text = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
+    match problem {
+        None => (StatusCode::OK, text, "OK".to_owned()),
+        Some(reason) => {
+            tracing::warn!(%reason, "health check failed");
+            (StatusCode::SERVICE_UNAVAILABLE, text, reason)
+        }
+    }
+}

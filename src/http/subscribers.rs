@@ -1,0 +1,157 @@
+//! Subscriber declarations (endpoints 9–11).
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
+
+use super::event_types::event_type;
+use super::extract::{FolioJson, Tenant};
+use super::registrations::{self, first_duplicate, MessagingModuleCollection, ModuleIdQuery};
+use super::AppState;
+use crate::db::registry::{self, Registration, StoredDescriptor};
+use crate::domain::{ModuleId, ModuleRole};
+use crate::error::{codes, AppError, AppResult, ErrorItem};
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(declare_subscriber))
+        .routes(routes!(list_subscribers, delete_subscribers))
+}
+
+/// A module declaring the event types it consumes and where to deliver them.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SubscriberDescriptor {
+    #[schema(value_type = String, example = "mod-patron-blocks-1.0.0")]
+    pub module_id: ModuleId,
+    pub subscription_definitions: Vec<SubscriptionDefinition>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SubscriptionDefinition {
+    #[serde(deserialize_with = "event_type")]
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,100}$")]
+    pub event_type: String,
+    /// An Okapi path such as `/patron-blocks/handlers/item-checked-out`; events are POSTed to
+    /// `OKAPI_URL` + this path.
+    #[serde(deserialize_with = "callback_address")]
+    #[schema(
+        pattern = "^/\\S*$",
+        example = "/automated-patron-blocks/handlers/item-checked-out"
+    )]
+    pub callback_address: String,
+}
+
+fn callback_address<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let raw = String::deserialize(d)?;
+    let ok = raw.starts_with('/')
+        && raw.len() <= 2048
+        && !raw.chars().any(|c| c.is_whitespace() || c.is_control());
+    if ok {
+        Ok(raw)
+    } else {
+        Err(serde::de::Error::custom(
+            "must match \"^/\\S*$\": an Okapi path starting with '/', at most 2048 characters, without white space",
+        ))
+    }
+}
+
+/// Declares a module as subscriber of the listed event types in this tenant, replacing its
+/// earlier declaration (any version). Unknown event types get a temporary descriptor that the
+/// publisher's registration later overwrites.
+#[utoipa::path(post, path = "/pubsub/event-types/declare/subscriber", tag = "subscribers",
+    params(("X-Okapi-Tenant" = String, Header, description = "Tenant id")),
+    request_body = SubscriberDescriptor,
+    responses((status = 201, description = "Declared"), (status = 422, body = crate::error::Errors)))]
+async fn declare_subscriber(
+    Tenant(tenant): Tenant,
+    State(state): State<AppState>,
+    FolioJson(body): FolioJson<SubscriberDescriptor>,
+) -> AppResult<StatusCode> {
+    let defs = &body.subscription_definitions;
+    if let Some(i) = first_duplicate(defs.iter().map(|d| d.event_type.as_str())) {
+        return Err(AppError::unprocessable(vec![ErrorItem::field(
+            format!("subscriptionDefinitions[{i}].eventType"),
+            defs[i].event_type.clone(),
+            "is listed more than once",
+            codes::DUPLICATE,
+        )]));
+    }
+    if defs.is_empty() {
+        return Ok(StatusCode::CREATED);
+    }
+    let module: ModuleId = body.module_id.clone();
+    let mut tx = state.pool.begin().await?;
+    for d in defs {
+        let placeholder = StoredDescriptor {
+            event_type: d.event_type.clone(),
+            description: None,
+            event_ttl: 1,
+            signed: false,
+            tmp: true,
+        };
+        if registry::insert_descriptor_if_absent(&mut *tx, &placeholder).await? {
+            tracing::info!(event_type = %d.event_type, "temporary event descriptor created for a subscriber");
+        }
+    }
+    registry::lock_module(&mut tx, &tenant, ModuleRole::Subscriber, &module).await?;
+    let replaced =
+        registry::delete_module_rows(&mut tx, &tenant, ModuleRole::Subscriber, &module, None)
+            .await?;
+    for d in defs {
+        let row = Registration {
+            id: Uuid::new_v4(),
+            event_type_id: d.event_type.clone(),
+            tenant_id: tenant.to_string(),
+            role: ModuleRole::Subscriber,
+            subscriber_callback: Some(d.callback_address.clone()),
+            module_id: module.to_string(),
+            activated: true,
+        };
+        registry::insert_registration(&mut tx, &row).await?;
+    }
+    tx.commit().await?;
+    let event_types: Vec<&str> = defs.iter().map(|d| d.event_type.as_str()).collect();
+    tracing::info!(%tenant, module = %module, ?event_types, replaced = replaced.len(), "subscriber declared");
+    Ok(StatusCode::CREATED)
+}
+
+/// The subscribers of an event type in this tenant.
+#[utoipa::path(get, path = "/pubsub/event-types/{eventTypeName}/subscribers", tag = "subscribers",
+    params(("eventTypeName" = String, Path), ("X-Okapi-Tenant" = String, Header, description = "Tenant id")),
+    responses((status = 200, body = MessagingModuleCollection)))]
+async fn list_subscribers(
+    Tenant(tenant): Tenant,
+    State(state): State<AppState>,
+    Path(event_type): Path<String>,
+) -> AppResult<Json<MessagingModuleCollection>> {
+    registrations::list(&state, &tenant, &event_type, ModuleRole::Subscriber)
+        .await
+        .map(Json)
+}
+
+/// Removes a module (any version) as subscriber of an event type in this tenant.
+#[utoipa::path(delete, path = "/pubsub/event-types/{eventTypeName}/subscribers", tag = "subscribers",
+    params(("eventTypeName" = String, Path), ("X-Okapi-Tenant" = String, Header, description = "Tenant id"), ModuleIdQuery),
+    responses((status = 204), (status = 400, description = "Missing or invalid moduleId", body = String, content_type = "text/plain")))]
+async fn delete_subscribers(
+    Tenant(tenant): Tenant,
+    State(state): State<AppState>,
+    Path(event_type): Path<String>,
+    Query(q): Query<ModuleIdQuery>,
+) -> AppResult<StatusCode> {
+    registrations::delete(
+        &state,
+        &tenant,
+        &event_type,
+        ModuleRole::Subscriber,
+        q.module_id.as_deref(),
+    )
+    .await
+}

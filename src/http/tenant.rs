@@ -1,0 +1,212 @@
+//! The `_tenant` 2.0 interface: install and upgrade run as asynchronous jobs that Okapi polls;
+//! disable and purge answer 204 synchronously.
+
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
+
+use super::extract::{FolioJson, Tenant};
+use super::AppState;
+use crate::db;
+use crate::domain::TenantId;
+use crate::error::{AppError, AppResult};
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(post_tenant))
+        .routes(routes!(get_job, delete_job))
+}
+
+/// Okapi's tenantAttributes. Unknown fields are ignored: this is a system interface and Okapi
+/// may add fields.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct TenantAttributes {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module_from: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module_to: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purge: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<Vec<TenantParameter>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TenantParameter {
+    pub key: String,
+    #[serde(default)]
+    pub value: Option<String>,
+}
+
+/// Okapi's tenantJob.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TenantJob {
+    pub id: Uuid,
+    pub tenant: String,
+    pub tenant_attributes: serde_json::Value,
+    pub complete: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub messages: Vec<String>,
+}
+
+impl From<db::jobs::JobRow> for TenantJob {
+    fn from(r: db::jobs::JobRow) -> Self {
+        TenantJob {
+            id: r.id,
+            tenant: r.tenant_id,
+            tenant_attributes: r.attributes.0,
+            complete: r.complete,
+            error: r.error,
+            messages: r.messages.0,
+        }
+    }
+}
+
+/// Enables (install or upgrade), disables or purges the module for a tenant.
+#[utoipa::path(post, path = "/_/tenant", tag = "tenant",
+    params(("X-Okapi-Tenant" = String, Header, description = "Tenant id")),
+    request_body = TenantAttributes,
+    responses((status = 201, description = "Install/upgrade job started; poll the Location", body = TenantJob,
+               headers(("Location" = String, description = "/_/tenant/{id}"))),
+              (status = 204, description = "Disabled or purged"),
+              (status = 400, body = String, content_type = "text/plain")))]
+async fn post_tenant(
+    Tenant(tenant): Tenant,
+    State(state): State<AppState>,
+    FolioJson(attrs): FolioJson<TenantAttributes>,
+) -> AppResult<Response> {
+    if attrs.purge == Some(true) {
+        let registrations = db::tenants::purge(&state.pool, &tenant).await?;
+        tracing::info!(%tenant, registrations, "tenant purged: schema dropped, registrations deleted");
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    if attrs.module_to.is_none() {
+        tracing::info!(%tenant, module_from = ?attrs.module_from, "tenant disabled");
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    let id = Uuid::new_v4();
+    let attributes = serde_json::to_value(&attrs).map_err(anyhow::Error::from)?;
+    db::jobs::insert(&state.pool, id, &tenant, &attributes).await?;
+    tracing::info!(%tenant, job = %id, module_from = ?attrs.module_from, module_to = ?attrs.module_to, "tenant init job started");
+    let job_state = state.clone();
+    let job_tenant = tenant.clone();
+    state
+        .tasks
+        .spawn(async move { run_job(job_state, job_tenant, id).await });
+    let body = TenantJob {
+        id,
+        tenant: tenant.to_string(),
+        tenant_attributes: attributes,
+        complete: false,
+        error: None,
+        messages: vec![],
+    };
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, format!("/_/tenant/{id}"))],
+        Json(body),
+    )
+        .into_response())
+}
+
+/// The work of an install/upgrade job; its outcome is recorded in the job row.
+async fn run_job(state: AppState, tenant: TenantId, id: Uuid) {
+    let outcome = db::tenants::migrate(&state.config.db, &tenant).await;
+    let (error, messages) = match outcome {
+        Ok(()) => (
+            None,
+            vec![format!("schema {} is up to date", tenant.schema_name())],
+        ),
+        Err(err) => {
+            tracing::error!(%tenant, job = %id, error = format!("{err:#}"), "tenant init failed");
+            (
+                Some(format!(
+                    "Failed to migrate schema {}: {err:#}",
+                    tenant.schema_name()
+                )),
+                vec![],
+            )
+        }
+    };
+    // The job row must be completed or Okapi polls forever: retry while the database is away.
+    let mut delay = Duration::from_millis(100);
+    for attempt in 1..=20 {
+        match db::jobs::finish(&state.pool, id, error.as_deref(), &messages).await {
+            Ok(()) => {
+                tracing::info!(%tenant, job = %id, failed = error.is_some(), "tenant init job complete");
+                return;
+            }
+            Err(err) => {
+                tracing::warn!(%tenant, job = %id, attempt, error = %err, "could not record tenant job outcome, retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    tracing::error!(%tenant, job = %id, "gave up recording the tenant job outcome");
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct WaitQuery {
+    /// Wait up to this many milliseconds (at most 600000) for the job to complete.
+    pub wait: Option<u64>,
+}
+
+const MAX_WAIT_MS: u64 = 600_000;
+
+fn job_id(raw: &str) -> AppResult<Uuid> {
+    Uuid::parse_str(raw).map_err(|_| AppError::BadRequest(format!("Invalid job id: {raw}")))
+}
+
+/// A tenant job, optionally waiting for it to complete.
+#[utoipa::path(get, path = "/_/tenant/{id}", tag = "tenant",
+    params(("id" = String, Path, description = "Job id"), ("X-Okapi-Tenant" = String, Header, description = "Tenant id"), WaitQuery),
+    responses((status = 200, body = TenantJob), (status = 404, body = String, content_type = "text/plain")))]
+async fn get_job(
+    Tenant(tenant): Tenant,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<WaitQuery>,
+) -> AppResult<Json<TenantJob>> {
+    let id = job_id(&id)?;
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_millis(q.wait.unwrap_or(0).min(MAX_WAIT_MS));
+    loop {
+        let job = db::jobs::find(&state.pool, id, &tenant)
+            .await?
+            .ok_or_else(|| AppError::NotFound(format!("Job not found {id}")))?;
+        if job.complete || tokio::time::Instant::now() >= deadline {
+            return Ok(Json(job.into()));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Deletes a tenant job record.
+#[utoipa::path(delete, path = "/_/tenant/{id}", tag = "tenant",
+    params(("id" = String, Path, description = "Job id"), ("X-Okapi-Tenant" = String, Header, description = "Tenant id")),
+    responses((status = 204), (status = 404, body = String, content_type = "text/plain")))]
+async fn delete_job(
+    Tenant(tenant): Tenant,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> AppResult<StatusCode> {
+    let id = job_id(&id)?;
+    if db::jobs::delete(&state.pool, id, &tenant).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(AppError::NotFound(format!("Job not found {id}")))
+    }
+}

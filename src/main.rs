@@ -1,0 +1,128 @@
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+use mod_pubsub::domain::TenantId;
+use mod_pubsub::{db, Config};
+
+/// FOLIO's publish/subscribe broker.
+#[derive(Parser)]
+#[command(name = "mod-pubsub", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Migrate the module schema and serve HTTP (configuration from the environment).
+    Serve {
+        /// HTTP port; overrides HTTP_PORT (default 8081).
+        #[arg(long)]
+        port: Option<u16>,
+    },
+    /// Migrate the module schema `pubsub_config`, and the schemas of the given tenants, then exit.
+    Migrate {
+        /// Also create or upgrade `<tenant>_mod_pubsub` for this tenant (repeatable).
+        #[arg(long = "tenant")]
+        tenants: Vec<String>,
+    },
+    /// Print the OpenAPI document (as committed in api/openapi.json).
+    Openapi,
+}
+
+fn init_tracing() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if std::env::var("LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json")) {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Command::Openapi = cli.command {
+        println!(
+            "{}",
+            mod_pubsub::http::openapi()
+                .to_pretty_json()
+                .expect("OpenAPI serialises")
+        );
+        return ExitCode::SUCCESS;
+    }
+    init_tracing();
+    let mut config = match Config::from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mod-pubsub: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve { port } => {
+                if let Some(p) = port {
+                    config.http_port = p;
+                }
+                serve(config).await
+            }
+            Command::Migrate { tenants } => migrate(config, tenants).await,
+            Command::Openapi => unreachable!(),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "mod-pubsub failed");
+            eprintln!("mod-pubsub: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    tracing::info!(?config, "starting");
+    let addr = std::net::SocketAddr::from(([0, 0, 0, 0], config.http_port));
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(signal_shutdown(shutdown.clone()));
+    mod_pubsub::run(config, listener, shutdown).await
+}
+
+async fn signal_shutdown(token: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutdown requested, draining");
+    token.cancel();
+}
+
+async fn migrate(config: Config, tenants: Vec<String>) -> anyhow::Result<()> {
+    let tenants = tenants
+        .iter()
+        .map(|t| TenantId::parse(t).map_err(|e| anyhow::anyhow!("--tenant {t:?}: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    db::migrate_module(&config.db, mod_pubsub::DB_STARTUP_PATIENCE).await?;
+    tracing::info!(schema = db::MODULE_SCHEMA, "module schema migrated");
+    for tenant in tenants {
+        db::tenants::migrate(&config.db, &tenant).await?;
+        tracing::info!(schema = tenant.schema_name(), "tenant schema migrated");
+    }
+    Ok(())
+}

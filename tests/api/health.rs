@@ -1,0 +1,161 @@
+//! `/admin/health` follows the database.
+
+use std::time::Duration;
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn health_is_200_then_503_when_the_database_goes_away_then_200_again() {
+    let app = TestApp::spawn().await;
+    let r = app
+        .client
+        .get(app.url("/admin/health"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(text(r).await, "OK");
+
+    // Take the database away: refuse new connections and end the existing ones.
+    let admin = sqlx::PgPool::connect_with(server_options(&env_or("DB_DATABASE", "okapi_modules")))
+        .await
+        .unwrap();
+    let name = app.db.name.clone();
+    sqlx::query(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+        .bind(&name)
+        .execute(&admin)
+        .await
+        .unwrap();
+
+    let mut saw_503 = false;
+    for _ in 0..40 {
+        let r = app
+            .client
+            .get(app.url("/admin/health"))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 503 {
+            let body = text(r).await;
+            assert!(body.starts_with("database:"), "{body}");
+            saw_503 = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(saw_503, "health never reported the database down");
+
+    // A registry call during the outage is a 503, not a 500.
+    let r = app
+        .req(reqwest::Method::GET, "/pubsub/event-types")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+
+    sqlx::query(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let mut back = false;
+    for _ in 0..100 {
+        let r = app
+            .client
+            .get(app.url("/admin/health"))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(back, "health did not recover");
+    admin.close().await;
+}
+
+#[tokio::test]
+async fn invalid_configuration_stops_the_binary_with_one_line_naming_the_variable() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mod-pubsub"))
+        .arg("serve")
+        .env_clear()
+        .env("SYSTEM_USER_NAME", "pub-sub")
+        .env("SYSTEM_USER_PASSWORD", "very-secret-password")
+        .env("DB_PORT", "not-a-port")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(lines[0].contains("DB_PORT"), "{stderr}");
+    assert!(!stderr.contains("very-secret-password"));
+}
+
+#[tokio::test]
+async fn graceful_stop_and_secrets_stay_out_of_logs() {
+    let db = TestDb::create().await;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let mut env = test_env(&db);
+    env.insert("DB_PASSWORD".into(), env_or("DB_PASSWORD", "folio_admin"));
+    env.insert("SYSTEM_USER_PASSWORD".into(), "very-secret-password".into());
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_mod-pubsub"))
+        .args(["serve", "--port", &port.to_string()])
+        .env_clear()
+        .envs(&env)
+        .env("RUST_LOG", "debug")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let client = reqwest::Client::new();
+    let mut up = false;
+    for _ in 0..200 {
+        if let Ok(r) = client
+            .get(format!("http://127.0.0.1:{port}/admin/health"))
+            .send()
+            .await
+        {
+            if r.status() == 200 {
+                up = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(up, "binary did not come up");
+    // SIGTERM: the service drains and exits 0.
+    let pid = child.id().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "exit status {:?}", out.status);
+    let logs = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(logs.contains("mod-pubsub stopped"), "{logs}");
+    assert!(!logs.contains("very-secret-password"), "secret in logs");
+    let db_password = env_or("DB_PASSWORD", "folio_admin");
+    for leak in [
+        format!("password: \"{db_password}\""),
+        format!("password={db_password}"),
+        format!(":{db_password}@"),
+    ] {
+        assert!(!logs.contains(&leak), "database password in logs");
+    }
+    assert!(
+        logs.contains("[redacted]"),
+        "the configuration is logged with its secrets redacted"
+    );
+}

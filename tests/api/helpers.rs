@@ -1,0 +1,238 @@
+//! Starts the real service on port 0 against a fresh database on the real PostgreSQL that
+//! `scripts/test.sh` provides (`DB_*` environment variables, same defaults as the service).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use reqwest::{Method, RequestBuilder, Response};
+use serde_json::Value;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgConnection};
+use tokio_util::sync::CancellationToken;
+
+pub const TENANT: &str = "diku";
+
+pub fn env_or(var: &str, default: &str) -> String {
+    std::env::var(var)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| default.to_owned())
+}
+
+/// Connection options of the database server, for `database` (the admin database by default).
+pub fn server_options(database: &str) -> PgConnectOptions {
+    PgConnectOptions::new()
+        .host(&env_or("DB_HOST", "localhost"))
+        .port(env_or("DB_PORT", "5432").parse().expect("DB_PORT"))
+        .username(&env_or("DB_USERNAME", "folio_admin"))
+        .password(&env_or("DB_PASSWORD", "folio_admin"))
+        .database(database)
+        .disable_statement_logging()
+}
+
+/// An empty database that is dropped again when the value is dropped.
+pub struct TestDb {
+    pub name: String,
+}
+
+impl TestDb {
+    pub async fn create() -> TestDb {
+        let name = format!("pubsub_test_{}", uuid::Uuid::new_v4().simple());
+        let admin_db = env_or("DB_DATABASE", "okapi_modules");
+        let mut conn = PgConnection::connect_with(&server_options(&admin_db)).await.unwrap_or_else(|e| {
+            panic!("cannot reach PostgreSQL (run the tests through scripts/test.sh, which starts it): {e}")
+        });
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await
+            .expect("create test database");
+        conn.close().await.ok();
+        TestDb { name }
+    }
+
+    pub async fn pool(&self) -> PgPool {
+        PgPoolOptions::new()
+            .max_connections(3)
+            .connect_with(server_options(&self.name))
+            .await
+            .expect("test pool")
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Best effort, on its own thread: Drop cannot await.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let admin_db = env_or("DB_DATABASE", "okapi_modules");
+                if let Ok(mut conn) = PgConnection::connect_with(&server_options(&admin_db)).await {
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .execute(&mut conn)
+                        .await;
+                }
+            })
+        })
+        .join();
+    }
+}
+
+/// The environment the service gets in tests.
+pub fn test_env(db: &TestDb) -> HashMap<String, String> {
+    let mut env: HashMap<String, String> = [
+        ("DB_HOST", env_or("DB_HOST", "localhost")),
+        ("DB_PORT", env_or("DB_PORT", "5432")),
+        ("DB_USERNAME", env_or("DB_USERNAME", "folio_admin")),
+        ("DB_PASSWORD", env_or("DB_PASSWORD", "folio_admin")),
+        ("DB_DATABASE", db.name.clone()),
+        ("DB_CONNECTIONTIMEOUT", "2000".into()),
+        ("KAFKA_HOST", env_or("KAFKA_HOST", "localhost")),
+        ("KAFKA_PORT", env_or("KAFKA_PORT", "9092")),
+        ("SYSTEM_USER_NAME", "test-pubsub-username".into()),
+        ("SYSTEM_USER_PASSWORD", "test-pubsub-password".into()),
+        ("MAX_REQUEST_SIZE", "65536".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    env.insert("OKAPI_URL".into(), "http://127.0.0.1:9130".into());
+    env
+}
+
+/// A running service.
+pub struct TestApp {
+    pub base: String,
+    pub client: reqwest::Client,
+    pub pool: PgPool,
+    shutdown: CancellationToken,
+    handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    // Dropped last: the database outlives the service.
+    pub db: TestDb,
+}
+
+impl TestApp {
+    pub async fn spawn() -> TestApp {
+        let db = TestDb::create().await;
+        Self::spawn_on(db, |_| {}).await
+    }
+
+    /// Starts the service on an existing database, with `tweak` applied to its environment.
+    pub async fn spawn_on(db: TestDb, tweak: impl FnOnce(&mut HashMap<String, String>)) -> TestApp {
+        let mut env = test_env(&db);
+        tweak(&mut env);
+        let config = mod_pubsub::Config::from_map(&env).expect("test configuration");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(mod_pubsub::run(config, listener, shutdown.clone()));
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap();
+        let pool = db.pool().await;
+        let app = TestApp {
+            base,
+            client,
+            pool,
+            shutdown,
+            handle: Some(handle),
+            db,
+        };
+        app.wait_healthy().await;
+        app
+    }
+
+    async fn wait_healthy(&self) {
+        for _ in 0..300 {
+            if let Ok(r) = self.client.get(self.url("/admin/health")).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("service did not become healthy");
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// A request with `X-Okapi-Tenant: diku`.
+    pub fn req(&self, method: Method, path: &str) -> RequestBuilder {
+        self.req_as(TENANT, method, path)
+    }
+
+    pub fn req_as(&self, tenant: &str, method: Method, path: &str) -> RequestBuilder {
+        self.client
+            .request(method, self.url(path))
+            .header("X-Okapi-Tenant", tenant)
+            .header("Accept", "application/json, text/plain")
+    }
+
+    pub async fn get_json(&self, tenant: &str, path: &str) -> Value {
+        let r = self.req_as(tenant, Method::GET, path).send().await.unwrap();
+        assert_eq!(r.status(), 200, "GET {path}");
+        r.json().await.unwrap()
+    }
+
+    pub async fn post_json(&self, tenant: &str, path: &str, body: &Value) -> Response {
+        self.req_as(tenant, Method::POST, path)
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn delete(&self, tenant: &str, path: &str) -> Response {
+        self.req_as(tenant, Method::DELETE, path)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Stops the service gracefully and waits for it.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(h) = self.handle.take() {
+            h.await.expect("service task").expect("service run");
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub fn descriptor(event_type: &str, description: &str, ttl: i64) -> Value {
+    serde_json::json!({"eventType": event_type, "description": description, "eventTTL": ttl, "signed": false})
+}
+
+pub fn publisher(module_id: &str, descriptors: impl IntoIterator<Item = Value>) -> Value {
+    let descriptors: Vec<Value> = descriptors.into_iter().collect();
+    serde_json::json!({"moduleId": module_id, "eventDescriptors": descriptors})
+}
+
+pub fn subscriber(module_id: &str, defs: &[(&str, &str)]) -> Value {
+    let defs: Vec<Value> = defs
+        .iter()
+        .map(|(t, cb)| serde_json::json!({"eventType": t, "callbackAddress": cb}))
+        .collect();
+    serde_json::json!({"moduleId": module_id, "subscriptionDefinitions": defs})
+}
+
+pub async fn total(app: &TestApp, tenant: &str, path: &str) -> i64 {
+    app.get_json(tenant, path).await["totalRecords"]
+        .as_i64()
+        .expect("totalRecords")
+}
+
+pub async fn text(r: Response) -> String {
+    r.text().await.unwrap()
+}

@@ -1,0 +1,227 @@
+//! `_tenant` 2.0: install and upgrade jobs, disable, purge.
+
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use crate::helpers::*;
+
+async fn schema_tables(app: &TestApp, schema: &str) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT table_name::text FROM information_schema.tables WHERE table_schema = $1 ORDER BY 1",
+    )
+    .bind(schema)
+    .fetch_all(&app.pool)
+    .await
+    .unwrap()
+}
+
+/// Starts an install job and polls it the way Okapi does; returns the completed job.
+pub async fn install(app: &TestApp, tenant: &str, body: Value) -> Value {
+    let r = app.post_json(tenant, "/_/tenant", &body).await;
+    assert_eq!(r.status(), 201);
+    let location = r.headers()["location"].to_str().unwrap().to_owned();
+    let job: Value = r.json().await.unwrap();
+    assert_eq!(
+        location,
+        format!("/_/tenant/{}", job["id"].as_str().unwrap())
+    );
+    assert_eq!(job["tenant"], tenant);
+    assert_eq!(job["complete"], false);
+    assert_eq!(job["tenantAttributes"]["module_to"], body["module_to"]);
+    let r = app
+        .req_as(tenant, Method::GET, &format!("{location}?wait=30000"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let done: Value = r.json().await.unwrap();
+    assert_eq!(done["complete"], true, "{done}");
+    assert_eq!(done["id"], job["id"]);
+    assert_eq!(app.delete(tenant, &location).await.status(), 204);
+    assert_eq!(
+        app.req_as(tenant, Method::GET, &location)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    done
+}
+
+#[tokio::test]
+async fn install_creates_the_tenant_schema_and_upgrade_is_idempotent() {
+    let app = TestApp::spawn().await;
+    let job = install(&app, "diku", json!({"module_to": "mod-pubsub-1.0.0"})).await;
+    assert!(job.get("error").is_none(), "{job}");
+    let tables = schema_tables(&app, "diku_mod_pubsub").await;
+    assert!(tables.contains(&"audit_message".to_owned()), "{tables:?}");
+    assert!(
+        tables.contains(&"audit_message_payload".to_owned()),
+        "{tables:?}"
+    );
+    let audit_date_type: String = sqlx::query_scalar(
+        "SELECT data_type::text FROM information_schema.columns WHERE table_schema = 'diku_mod_pubsub' AND table_name = 'audit_message' AND column_name = 'audit_date'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(audit_date_type, "timestamp with time zone");
+
+    let job = install(
+        &app,
+        "diku",
+        json!({"module_from": "mod-pubsub-1.0.0", "module_to": "mod-pubsub-1.1.0", "parameters": [{"key": "loadReference", "value": "true"}]}),
+    )
+    .await;
+    assert!(job.get("error").is_none(), "{job}");
+    assert_eq!(
+        job["tenantAttributes"]["parameters"][0]["key"],
+        "loadReference"
+    );
+}
+
+#[tokio::test]
+async fn disable_is_204_and_keeps_everything() {
+    let app = TestApp::spawn().await;
+    install(&app, "diku", json!({"module_to": "mod-pubsub-1.0.0"})).await;
+    app.post_json(
+        "diku",
+        "/pubsub/event-types/declare/subscriber",
+        &subscriber("m-1.0.0", &[("D", "/d")]),
+    )
+    .await;
+    let r = app
+        .post_json(
+            "diku",
+            "/_/tenant",
+            &json!({"module_from": "mod-pubsub-1.0.0"}),
+        )
+        .await;
+    assert_eq!(r.status(), 204);
+    assert!(!schema_tables(&app, "diku_mod_pubsub").await.is_empty());
+    assert_eq!(
+        total(&app, "diku", "/pubsub/event-types/D/subscribers").await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn purge_drops_the_schema_and_the_registrations_of_that_tenant_only() {
+    let app = TestApp::spawn().await;
+    for tenant in ["diku", "other"] {
+        install(&app, tenant, json!({"module_to": "mod-pubsub-1.0.0"})).await;
+        let r = app
+            .post_json(
+                tenant,
+                "/pubsub/event-types/declare/subscriber",
+                &subscriber("m-1.0.0", &[("P", "/p")]),
+            )
+            .await;
+        assert_eq!(r.status(), 201);
+    }
+    let r = app
+        .post_json(
+            "diku",
+            "/_/tenant",
+            &json!({"module_from": "mod-pubsub-1.0.0", "purge": true}),
+        )
+        .await;
+    assert_eq!(r.status(), 204);
+    assert!(schema_tables(&app, "diku_mod_pubsub").await.is_empty());
+    let exists: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'diku_mod_pubsub')",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert!(!exists);
+    assert_eq!(
+        total(&app, "diku", "/pubsub/event-types/P/subscribers").await,
+        0
+    );
+    assert_eq!(
+        total(&app, "other", "/pubsub/event-types/P/subscribers").await,
+        1
+    );
+    assert!(!schema_tables(&app, "other_mod_pubsub").await.is_empty());
+    // Purging a tenant that has nothing is fine too.
+    let r = app
+        .post_json(
+            "nobody",
+            "/_/tenant",
+            &json!({"module_from": "mod-pubsub-1.0.0", "purge": true}),
+        )
+        .await;
+    assert_eq!(r.status(), 204);
+}
+
+#[tokio::test]
+async fn jobs_belong_to_their_tenant_and_ids_are_validated() {
+    let app = TestApp::spawn().await;
+    let r = app
+        .post_json(
+            "diku",
+            "/_/tenant",
+            &json!({"module_to": "mod-pubsub-1.0.0"}),
+        )
+        .await;
+    let location = r.headers()["location"].to_str().unwrap().to_owned();
+    // Another tenant cannot see or delete it.
+    assert_eq!(
+        app.req_as("other", Method::GET, &location)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    assert_eq!(app.delete("other", &location).await.status(), 404);
+    let r = app
+        .req_as("diku", Method::GET, "/_/tenant/not-a-uuid")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = app
+        .req_as(
+            "diku",
+            Method::GET,
+            "/_/tenant/5b3c1a8e-4f3b-4b1e-9c2e-0a1b2c3d4e5f",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    // Without wait the job is answered at once, complete or not.
+    let started = std::time::Instant::now();
+    let r = app
+        .req_as("diku", Method::GET, &location)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn a_failing_job_reports_its_error() {
+    let app = TestApp::spawn().await;
+    // Make the migration fail: a table of that name with an incompatible shape.
+    sqlx::query("CREATE SCHEMA broken_mod_pubsub")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    sqlx::query("CREATE TABLE broken_mod_pubsub.audit_message (id text)")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let job = install(&app, "broken", json!({"module_to": "mod-pubsub-1.0.0"})).await;
+    let error = job["error"].as_str().expect("the job carries an error");
+    assert!(
+        error.starts_with("Failed to migrate schema broken_mod_pubsub"),
+        "{error}"
+    );
+}
