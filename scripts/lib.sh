@@ -376,8 +376,34 @@ ensure_tansu_running() {
   die "tansu (pid ${pid}) is not listening on ${KAFKA_HOST}:${KAFKA_PORT} after 15 s; see ${log_file}"
 }
 
+# ensure_build_deps: what the crate's native dependencies need to build (rdkafka builds
+# librdkafka with gcc and make, with OpenSSL for SSL/SASL): installed from Debian when missing.
+ensure_build_deps() {
+  local missing=()
+  command -v gcc >/dev/null 2>&1 || missing+=(gcc)
+  command -v make >/dev/null 2>&1 || missing+=(make)
+  command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+  [[ -f /usr/include/openssl/ssl.h ]] || missing+=(libssl-dev)
+  [[ -f /usr/include/zlib.h ]] || missing+=(zlib1g-dev)
+  if ((${#missing[@]} > 0)); then
+    apt_install "${missing[@]}"
+  fi
+}
+
 ensure_services() {
+  ensure_build_deps
   ensure_postgres
   # Looks for (or builds) the tansu binary only when no broker is reachable yet.
   ensure_tansu_running
+}
+
+# drop_test_databases: removes the per-test databases (pubsub_test_*) the integration tests leave.
+drop_test_databases() {
+  local dbs db
+  dbs="$(PGPASSWORD="${DB_PASSWORD}" psql -X -q -t -A -w -h "${DB_HOST}" -p "${DB_PORT}" -U "${DB_USERNAME}" \
+    -d "${DB_DATABASE}" -c "SELECT datname FROM pg_database WHERE datname LIKE 'pubsub\_test\_%'" 2>/dev/null || true)"
+  for db in ${dbs}; do
+    PGPASSWORD="${DB_PASSWORD}" psql -X -q -w -h "${DB_HOST}" -p "${DB_PORT}" -U "${DB_USERNAME}" -d "${DB_DATABASE}" \
+      -c "DROP DATABASE IF EXISTS \"${db}\" WITH (FORCE)" >/dev/null 2>&1 || log "could not drop ${db}"
+  done
 }

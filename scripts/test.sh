@@ -10,6 +10,12 @@ cd "${PUBSUB_REPO_ROOT}"
 
 export_default_env
 ensure_services
+# The Kafka-outage tests start and stop brokers of their own: they need the binary (TANSU_BIN).
+ensure_tansu_binary
 
+drop_test_databases
 log "cargo test --locked --all-targets $*"
-exec cargo test --locked --all-targets "$@"
+status=0
+cargo test --locked --all-targets "$@" || status=$?
+drop_test_databases
+exit "${status}"

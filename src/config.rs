@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 
+mod kafka;
+pub use kafka::KafkaConfig;
+
 /// A configuration problem: the variable and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{var}: {problem}")]
@@ -31,14 +34,6 @@ pub struct DbConfig {
     pub connect_timeout: Duration,
 }
 
-#[derive(Clone, Debug)]
-pub struct KafkaConfig {
-    pub host: String,
-    pub port: u16,
-    pub replication_factor: i32,
-    pub number_of_partitions: i32,
-}
-
 #[derive(Clone)]
 pub struct SystemUserConfig {
     pub create: bool,
@@ -57,6 +52,18 @@ pub struct Config {
     pub system_user: SystemUserConfig,
     /// Largest accepted request body, in bytes (`MAX_REQUEST_SIZE`, default 1 MiB).
     pub max_request_size: usize,
+    pub audit: AuditConfig,
+}
+
+#[derive(Clone, Debug)]
+pub struct AuditConfig {
+    /// Store event payloads in `audit_message_payload` (`EVENT_PAYLOAD_AUDIT_ENABLED`, or the
+    /// Java module's `event.payload.audit.enabled`; default false).
+    pub payload_enabled: bool,
+    /// Audit rows older than this are purged (`AUDIT_RETENTION_DAYS`, default 90; 0 keeps all).
+    pub retention_days: u32,
+    /// How often the purge runs (`AUDIT_PURGE_INTERVAL_MINUTES`, default 60).
+    pub purge_interval: Duration,
 }
 
 impl fmt::Debug for DbConfig {
@@ -94,18 +101,20 @@ impl fmt::Debug for Config {
             .field("okapi_url", &self.okapi_url.as_str())
             .field("system_user", &self.system_user)
             .field("max_request_size", &self.max_request_size)
+            .field("audit", &self.audit)
             .finish()
     }
 }
 
 struct Reader<'a> {
-    lookup: &'a dyn Fn(&str) -> Option<String>,
+    vars: &'a HashMap<String, String>,
 }
 
 impl Reader<'_> {
     /// The variable's value, with surrounding white space removed; unset and blank are the same.
     fn get(&self, var: &str) -> Option<String> {
-        (self.lookup)(var)
+        self.vars
+            .get(var)
             .map(|v| v.trim().to_owned())
             .filter(|v| !v.is_empty())
     }
@@ -152,16 +161,15 @@ fn err(var: &str, problem: impl Into<String>) -> ConfigError {
 impl Config {
     /// Reads the process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
-        Self::from_lookup(&|k| std::env::var(k).ok())
+        let vars: HashMap<String, String> = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+            .collect();
+        Self::from_map(&vars)
     }
 
-    /// Reads from a map; for tests.
-    pub fn from_map(map: &HashMap<String, String>) -> Result<Self, ConfigError> {
-        Self::from_lookup(&|k| map.get(k).cloned())
-    }
-
-    pub fn from_lookup(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let r = Reader { lookup };
+    /// Reads from a map of environment variables.
+    pub fn from_map(vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        let r = Reader { vars };
 
         let http_port = r.number("HTTP_PORT", 8081u16, 0, u16::MAX)?;
 
@@ -186,18 +194,7 @@ impl Config {
             )?),
         };
 
-        let kafka = KafkaConfig {
-            host: r.string("KAFKA_HOST", "localhost"),
-            port: r.number("KAFKA_PORT", 9092u16, 1, u16::MAX)?,
-            replication_factor: r.number("REPLICATION_FACTOR", 1i32, 1, i16::MAX as i32)?,
-            number_of_partitions: r.number("NUMBER_OF_PARTITIONS", 1i32, 1, 100_000)?,
-        };
-        if kafka.host.chars().any(|c| c.is_whitespace() || c == '/') {
-            return Err(err(
-                "KAFKA_HOST",
-                format!("must be a host name or address, got \"{}\"", kafka.host),
-            ));
-        }
+        let kafka = kafka::read(&r, vars)?;
 
         let env = r.string("ENV", "folio");
         let env_ok = env.len() <= 64
@@ -253,6 +250,18 @@ impl Config {
         let max_request_size =
             r.number("MAX_REQUEST_SIZE", 1_048_576usize, 1024, 100 * 1024 * 1024)?;
 
+        let payload_enabled = match r.get("EVENT_PAYLOAD_AUDIT_ENABLED") {
+            Some(_) => r.bool("EVENT_PAYLOAD_AUDIT_ENABLED", false)?,
+            None => r.bool("event.payload.audit.enabled", false)?,
+        };
+        let audit = AuditConfig {
+            payload_enabled,
+            retention_days: r.number("AUDIT_RETENTION_DAYS", 90u32, 0, 36_500)?,
+            purge_interval: Duration::from_secs(
+                60 * r.number("AUDIT_PURGE_INTERVAL_MINUTES", 60u64, 1, 10_080)?,
+            ),
+        };
+
         Ok(Config {
             http_port,
             db,
@@ -261,6 +270,7 @@ impl Config {
             okapi_url,
             system_user,
             max_request_size,
+            audit,
         })
     }
 }
@@ -306,7 +316,7 @@ mod tests {
         assert_eq!(c.env, "folio");
         assert_eq!(c.db.port, 5432);
         assert_eq!(c.db.max_pool_size, 5);
-        assert_eq!(c.kafka.port, 9092);
+        assert_eq!(c.kafka.bootstrap_servers, "localhost:9092");
         assert_eq!(c.kafka.replication_factor, 1);
         assert_eq!(c.max_request_size, 1_048_576);
         assert!(c.system_user.create);

@@ -3,11 +3,15 @@
 //! [`run`] starts the whole service on a listener the caller binds, so tests start the real
 //! server on port 0.
 
+pub mod audit;
 pub mod config;
 pub mod db;
 pub mod domain;
 pub mod error;
+pub mod event;
 pub mod http;
+pub mod kafka;
+pub mod registry;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,24 +35,69 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     db::migrate_module(&config.db, DB_STARTUP_PATIENCE).await?;
+    let pool = db::pool(&config.db);
+    let kafka = Arc::new(
+        kafka::Kafka::new(&config)
+            .map_err(|e| anyhow::anyhow!("Kafka client configuration: {e}"))?,
+    );
+    let registry = registry::RegistryCache::default();
+    if let Err(e) = registry.reload_all(&pool).await {
+        tracing::warn!(error = %e, "could not load the registry yet; it follows the database");
+    }
+
+    // Background work stops with `background`; the audit writer stops last, after HTTP.
+    let background = CancellationToken::new();
+    let audit_stop = CancellationToken::new();
+    let (audit, audit_writer) = audit::AuditWriter::start(pool.clone(), audit_stop.clone());
+    let workers = TaskTracker::new();
+    workers.spawn(registry.clone().follow(pool.clone(), background.clone()));
+    workers.spawn(kafka::reconcile_loop(
+        Arc::clone(&kafka),
+        pool.clone(),
+        background.clone(),
+    ));
+    workers.spawn(audit::purge_loop(
+        pool.clone(),
+        config.audit.clone(),
+        background.clone(),
+    ));
+    workers.close();
+
     let state = http::AppState {
-        pool: db::pool(&config.db),
+        pool: pool.clone(),
         config: Arc::new(config),
         tasks: TaskTracker::new(),
+        kafka: Arc::clone(&kafka),
+        registry,
+        audit,
     };
     let tasks = state.tasks.clone();
-    let pool = state.pool.clone();
     tracing::info!(addr = %listener.local_addr()?, "mod-pubsub listening");
     axum::serve(listener, http::app(state))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await?;
+
+    // Drain: tenant jobs, then background loops, then the audit queue, then Kafka.
     tasks.close();
     if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait())
         .await
         .is_err()
     {
-        tracing::warn!("background tasks did not finish within the shutdown grace period");
+        tracing::warn!("tenant jobs did not finish within the shutdown grace period");
     }
+    background.cancel();
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, workers.wait()).await;
+    audit_stop.cancel();
+    if tokio::time::timeout(SHUTDOWN_GRACE, audit_writer)
+        .await
+        .is_err()
+    {
+        tracing::error!("audit writer did not finish within the shutdown grace period");
+    }
+    let producer_kafka = Arc::clone(&kafka);
+    let _ =
+        tokio::task::spawn_blocking(move || producer_kafka.producer.flush(Duration::from_secs(10)))
+            .await;
     pool.close().await;
     tracing::info!("mod-pubsub stopped");
     Ok(())

@@ -31,6 +31,7 @@ pub async fn purge(pool: &PgPool, tenant: &TenantId) -> sqlx::Result<u64> {
         .bind(tenant.as_str())
         .execute(&mut *tx)
         .await?;
+    crate::registry::notify(&mut *tx, tenant).await?;
     tx.commit().await?;
     Ok(registrations)
 }

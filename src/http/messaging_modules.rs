@@ -53,7 +53,9 @@ async fn delete_messaging_modules(
     let mut tx = state.pool.begin().await?;
     registry::lock_module(&mut tx, &tenant, role, &module).await?;
     let deleted = registry::delete_module_rows(&mut tx, &tenant, role, &module, None).await?;
+    crate::registry::notify(&mut *tx, &tenant).await?;
     tx.commit().await?;
+    super::registrations::registry_changed(&state, &tenant).await;
     tracing::info!(%tenant, role = role.as_str(), module = %module, deleted = deleted.len(), "module unregistered");
     Ok(StatusCode::NO_CONTENT)
 }

@@ -4,7 +4,9 @@
 pub mod event_types;
 pub mod extract;
 pub mod health;
+pub mod history;
 pub mod messaging_modules;
+pub mod publish;
 pub mod publishers;
 pub mod registrations;
 pub mod subscribers;
@@ -33,6 +35,9 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// Background work (tenant jobs) that graceful shutdown waits for.
     pub tasks: TaskTracker,
+    pub kafka: Arc<crate::kafka::Kafka>,
+    pub registry: crate::registry::RegistryCache,
+    pub audit: crate::audit::AuditWriter,
 }
 
 #[derive(OpenApi)]
@@ -48,6 +53,8 @@ pub struct AppState {
         (name = "publishers", description = "Publisher registrations (per tenant)"),
         (name = "subscribers", description = "Subscriber registrations (per tenant)"),
         (name = "messaging-modules", description = "Unregistering a module"),
+        (name = "publish", description = "Publishing events"),
+        (name = "audit", description = "The audit trail (per tenant)"),
         (name = "tenant", description = "Okapi _tenant interface 2.0"),
         (name = "admin", description = "Health and operations")
     ),
@@ -61,6 +68,8 @@ fn routes() -> OpenApiRouter<AppState> {
         .merge(publishers::router())
         .merge(subscribers::router())
         .merge(messaging_modules::router())
+        .merge(publish::router())
+        .merge(history::router())
         .merge(tenant::router())
         .merge(health::router())
 }

@@ -37,9 +37,10 @@ pub struct PublisherDescriptor {
 #[utoipa::path(post, path = "/pubsub/event-types/declare/publisher", tag = "publishers",
     params(("X-Okapi-Tenant" = String, Header, description = "Tenant id")),
     request_body = PublisherDescriptor,
-    responses((status = 201, description = "Declared"),
+    responses((status = 201, description = "Declared; the topics exist"),
               (status = 400, description = "Unknown or different event descriptors", body = crate::error::Errors),
-              (status = 422, body = crate::error::Errors)))]
+              (status = 422, body = crate::error::Errors),
+              (status = 503, description = "Kafka did not answer; nothing was stored", body = String, content_type = "text/plain")))]
 async fn declare_publisher(
     Tenant(tenant): Tenant,
     State(state): State<AppState>,
@@ -80,6 +81,7 @@ async fn declare_publisher(
     if !errors.is_empty() {
         return Err(AppError::BadRequestErrors(errors.into()));
     }
+    registrations::ensure_topics(&state, &tenant, names.iter().copied()).await?;
     registry::lock_module(&mut tx, &tenant, ModuleRole::Publisher, &module).await?;
     let replaced =
         registry::delete_module_rows(&mut tx, &tenant, ModuleRole::Publisher, &module, None)
@@ -96,7 +98,9 @@ async fn declare_publisher(
         };
         registry::insert_registration(&mut tx, &row).await?;
     }
+    crate::registry::notify(&mut *tx, &tenant).await?;
     tx.commit().await?;
+    registrations::registry_changed(&state, &tenant).await;
     tracing::info!(%tenant, module = %module, event_types = ?names, replaced = replaced.len(), "publisher declared");
     Ok(StatusCode::CREATED)
 }

@@ -113,3 +113,29 @@ pub(crate) fn first_duplicate<'a>(keys: impl Iterator<Item = &'a str>) -> Option
         .find(|(_, k)| !seen.insert(*k))
         .map(|(i, _)| i)
 }
+
+/// Makes sure the topics of `event_types` exist in `tenant` before a declaration is stored: a
+/// declaration answers 201 only when its topics exist, and 503 (storing nothing) when Kafka
+/// does not answer in time.
+pub(crate) async fn ensure_topics<'a>(
+    state: &AppState,
+    tenant: &TenantId,
+    event_types: impl IntoIterator<Item = &'a str>,
+) -> AppResult<()> {
+    let topics = state.kafka.topic_set(tenant, event_types);
+    state.kafka.admin.ensure(&topics).await.map_err(|e| {
+        tracing::error!(%tenant, error = %e, "topic creation failed; declaration refused");
+        AppError::Unavailable(format!("Kafka is unavailable, nothing was registered: {e}"))
+    })
+}
+
+/// After a committed change: this instance sees it at once (the others through NOTIFY).
+pub(crate) async fn registry_changed(state: &AppState, tenant: &TenantId) {
+    if let Err(e) = state
+        .registry
+        .reload_tenant(&state.pool, tenant.as_str())
+        .await
+    {
+        tracing::warn!(%tenant, error = %e, "registry reload failed; the listener will catch up");
+    }
+}

@@ -68,7 +68,8 @@ fn callback_address<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D:
 #[utoipa::path(post, path = "/pubsub/event-types/declare/subscriber", tag = "subscribers",
     params(("X-Okapi-Tenant" = String, Header, description = "Tenant id")),
     request_body = SubscriberDescriptor,
-    responses((status = 201, description = "Declared"), (status = 422, body = crate::error::Errors)))]
+    responses((status = 201, description = "Declared; the topics exist"), (status = 422, body = crate::error::Errors),
+              (status = 503, description = "Kafka did not answer; nothing was stored", body = String, content_type = "text/plain")))]
 async fn declare_subscriber(
     Tenant(tenant): Tenant,
     State(state): State<AppState>,
@@ -87,6 +88,8 @@ async fn declare_subscriber(
         return Ok(StatusCode::CREATED);
     }
     let module: ModuleId = body.module_id.clone();
+    registrations::ensure_topics(&state, &tenant, defs.iter().map(|d| d.event_type.as_str()))
+        .await?;
     let mut tx = state.pool.begin().await?;
     for d in defs {
         let placeholder = StoredDescriptor {
@@ -116,7 +119,9 @@ async fn declare_subscriber(
         };
         registry::insert_registration(&mut tx, &row).await?;
     }
+    crate::registry::notify(&mut *tx, &tenant).await?;
     tx.commit().await?;
+    registrations::registry_changed(&state, &tenant).await;
     let event_types: Vec<&str> = defs.iter().map(|d| d.event_type.as_str()).collect();
     tracing::info!(%tenant, module = %module, ?event_types, replaced = replaced.len(), "subscriber declared");
     Ok(StatusCode::CREATED)

@@ -88,6 +88,7 @@ async fn post_tenant(
 ) -> AppResult<Response> {
     if attrs.purge == Some(true) {
         let registrations = db::tenants::purge(&state.pool, &tenant).await?;
+        super::registrations::registry_changed(&state, &tenant).await;
         tracing::info!(%tenant, registrations, "tenant purged: schema dropped, registrations deleted");
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
@@ -122,7 +123,14 @@ async fn post_tenant(
 
 /// The work of an install/upgrade job; its outcome is recorded in the job row.
 async fn run_job(state: AppState, tenant: TenantId, id: Uuid) {
-    let outcome = db::tenants::migrate(&state.config.db, &tenant).await;
+    let mut outcome = db::tenants::migrate(&state.config.db, &tenant).await;
+    if outcome.is_ok() {
+        // Every instance learns that the tenant is enabled.
+        outcome = crate::registry::notify(&state.pool, &tenant)
+            .await
+            .map_err(anyhow::Error::from);
+        super::registrations::registry_changed(&state, &tenant).await;
+    }
     let (error, messages) = match outcome {
         Ok(()) => (
             None,

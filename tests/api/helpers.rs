@@ -30,7 +30,10 @@ pub fn server_options(database: &str) -> PgConnectOptions {
         .disable_statement_logging()
 }
 
-/// An empty database that is dropped again when the value is dropped.
+/// An empty database of its own for one test. Test databases are not dropped by the tests
+/// (two concurrent `DROP DATABASE … WITH (FORCE)` stall each other for a minute); scripts/test.sh
+/// drops the `pubsub_test_*` databases before and after the suite.
+#[derive(Clone)]
 pub struct TestDb {
     pub name: String,
 }
@@ -59,28 +62,6 @@ impl TestDb {
     }
 }
 
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        let name = self.name.clone();
-        // Best effort, on its own thread: Drop cannot await.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let admin_db = env_or("DB_DATABASE", "okapi_modules");
-                if let Ok(mut conn) = PgConnection::connect_with(&server_options(&admin_db)).await {
-                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .execute(&mut conn)
-                        .await;
-                }
-            })
-        })
-        .join();
-    }
-}
-
 /// The environment the service gets in tests.
 pub fn test_env(db: &TestDb) -> HashMap<String, String> {
     let mut env: HashMap<String, String> = [
@@ -95,11 +76,19 @@ pub fn test_env(db: &TestDb) -> HashMap<String, String> {
         ("SYSTEM_USER_NAME", "test-pubsub-username".into()),
         ("SYSTEM_USER_PASSWORD", "test-pubsub-password".into()),
         ("MAX_REQUEST_SIZE", "65536".into()),
+        ("AUDIT_RETENTION_DAYS", "0".into()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
     env.insert("OKAPI_URL".into(), "http://127.0.0.1:9130".into());
+    // Topics of concurrent tests must not meet on the shared broker.
+    env.insert(
+        "ENV".into(),
+        format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..10]),
+    );
+    env.insert("KAFKA_ADMIN_TIMEOUT_MS".into(), "5000".into());
+    env.insert("KAFKA_PUBLISH_TIMEOUT_MS".into(), "5000".into());
     env
 }
 
@@ -110,8 +99,9 @@ pub struct TestApp {
     pub pool: PgPool,
     shutdown: CancellationToken,
     handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
-    // Dropped last: the database outlives the service.
     pub db: TestDb,
+    /// The service's environment.
+    pub env: HashMap<String, String>,
 }
 
 impl TestApp {
@@ -122,9 +112,11 @@ impl TestApp {
 
     /// Starts the service on an existing database, with `tweak` applied to its environment.
     pub async fn spawn_on(db: TestDb, tweak: impl FnOnce(&mut HashMap<String, String>)) -> TestApp {
+        init_test_logging();
         let mut env = test_env(&db);
         tweak(&mut env);
         let config = mod_pubsub::Config::from_map(&env).expect("test configuration");
+        let service_env = env.clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let shutdown = CancellationToken::new();
@@ -141,6 +133,7 @@ impl TestApp {
             shutdown,
             handle: Some(handle),
             db,
+            env: service_env,
         };
         app.wait_healthy().await;
         app
@@ -156,6 +149,52 @@ impl TestApp {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!("service did not become healthy");
+    }
+
+    /// A second instance of the service on the same database and broker.
+    pub async fn another_instance(&self) -> TestApp {
+        let env = self.env.clone();
+        Self::spawn_on(self.db.clone(), move |e| *e = env).await
+    }
+
+    /// The topic of an event type in a tenant, as the service names it.
+    pub fn topic(&self, tenant: &str, event_type: &str) -> String {
+        let qualifier = self
+            .env
+            .get("KAFKA_PRODUCER_TENANT_COLLECTION")
+            .cloned()
+            .unwrap_or_else(|| tenant.to_owned());
+        format!("{}.Default.{qualifier}.{event_type}", self.env["ENV"])
+    }
+
+    pub fn bootstrap(&self) -> String {
+        let host = self.env["KAFKA_HOST"].clone();
+        format!("{host}:{}", self.env["KAFKA_PORT"])
+    }
+
+    /// Enables the service for a tenant through `_tenant` and waits for the job.
+    pub async fn enable_tenant(&self, tenant: &str) {
+        crate::tenant_api::install(
+            self,
+            tenant,
+            serde_json::json!({"module_to": "mod-pubsub-1.0.0"}),
+        )
+        .await;
+    }
+
+    /// The audit rows of an event, waiting up to 10 s until there are at least `count`.
+    pub async fn audit_of(&self, tenant: &str, event_id: &str, count: usize) -> Vec<Value> {
+        let path =
+            format!("/pubsub/history?startDate=2000-01-01&endDate=2100-01-01&eventId={event_id}");
+        for _ in 0..200 {
+            let body = self.get_json(tenant, &path).await;
+            let rows = body["auditMessages"].as_array().unwrap().clone();
+            if rows.len() >= count {
+                return rows;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("fewer than {count} audit rows for {event_id}");
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -235,4 +274,14 @@ pub async fn total(app: &TestApp, tenant: &str, path: &str) -> i64 {
 
 pub async fn text(r: Response) -> String {
     r.text().await.unwrap()
+}
+
+/// `TEST_LOG=debug scripts/test.sh -- --nocapture` shows the service's logs.
+fn init_test_logging() {
+    if let Ok(filter) = std::env::var("TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    }
 }

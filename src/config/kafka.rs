@@ -1,0 +1,363 @@
+//! Kafka settings from the environment: bootstrap servers, topic naming, timeouts and the
+//! security settings FOLIO operators set, translated to librdkafka properties.
+//!
+//! Security settings are read from two spellings:
+//! * the Java module's literal dotted names (`security.protocol`, `ssl.truststore.location`,
+//!   `ssl.keystore.location`, `ssl.key.password`, `ssl.endpoint.identification.algorithm`,
+//!   `sasl.mechanism`, `sasl.jaas.config`, …), translated to librdkafka's;
+//! * shell-friendly `KAFKA_SECURITY_PROTOCOL`, `KAFKA_SSL_*` and `KAFKA_SASL_*` names, which map
+//!   one to one onto librdkafka properties (`KAFKA_SSL_CA_LOCATION` → `ssl.ca.location`,
+//!   `KAFKA_SASL_MECHANISMS` → `sasl.mechanisms`, …) and win over the dotted ones.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::time::Duration;
+
+use super::{err, ConfigError, Reader};
+
+#[derive(Clone)]
+pub struct KafkaConfig {
+    /// `KAFKA_HOST:KAFKA_PORT`; `KAFKA_HOST` may list several hosts (`a,b:9093`), a host
+    /// without a port gets `KAFKA_PORT`.
+    pub bootstrap_servers: String,
+    pub replication_factor: i32,
+    pub number_of_partitions: i32,
+    /// The second segment of topic names (`KAFKA_TOPIC_NAMESPACE`, default `Default`, as
+    /// folio-kafka-wrapper).
+    pub namespace: String,
+    /// `KAFKA_PRODUCER_TENANT_COLLECTION`: replaces the tenant in topic names.
+    pub tenant_collection: Option<String>,
+    /// How long a publish waits for the broker's acknowledgement (`KAFKA_PUBLISH_TIMEOUT_MS`).
+    pub publish_timeout: Duration,
+    /// How long topic creation may take before a declaration answers 503
+    /// (`KAFKA_ADMIN_TIMEOUT_MS`).
+    pub admin_timeout: Duration,
+    /// librdkafka properties for security, applied to every client.
+    pub client_properties: BTreeMap<String, String>,
+}
+
+impl fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let props: BTreeMap<&str, &str> = self
+            .client_properties
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str(),
+                    if is_secret(k) {
+                        "[redacted]"
+                    } else {
+                        v.as_str()
+                    },
+                )
+            })
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("replication_factor", &self.replication_factor)
+            .field("number_of_partitions", &self.number_of_partitions)
+            .field("namespace", &self.namespace)
+            .field("tenant_collection", &self.tenant_collection)
+            .field("publish_timeout", &self.publish_timeout)
+            .field("admin_timeout", &self.admin_timeout)
+            .field("client_properties", &props)
+            .finish()
+    }
+}
+
+fn is_secret(key: &str) -> bool {
+    key.contains("password")
+        || key.contains("secret")
+        || key.ends_with(".pem")
+        || key.contains("jaas")
+}
+
+const SECURITY_PROTOCOLS: [&str; 4] = ["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"];
+
+pub(super) fn read(
+    r: &Reader<'_>,
+    vars: &HashMap<String, String>,
+) -> Result<KafkaConfig, ConfigError> {
+    let port = r.number("KAFKA_PORT", 9092u16, 1, u16::MAX)?;
+    let host = r.string("KAFKA_HOST", "localhost");
+    let mut servers = Vec::new();
+    for h in host.split(',').map(str::trim).filter(|h| !h.is_empty()) {
+        if h.chars().any(|c| c.is_whitespace() || c == '/') {
+            return Err(err(
+                "KAFKA_HOST",
+                format!("must be host names or addresses separated by commas, got \"{host}\""),
+            ));
+        }
+        let has_port = h
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+            && !h.ends_with(']');
+        servers.push(if has_port {
+            h.to_owned()
+        } else {
+            format!("{h}:{port}")
+        });
+    }
+    if servers.is_empty() {
+        return Err(err("KAFKA_HOST", "must name at least one host"));
+    }
+
+    let namespace = r.string("KAFKA_TOPIC_NAMESPACE", "Default");
+    if namespace.is_empty()
+        || namespace.len() > 64
+        || !namespace
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(err(
+            "KAFKA_TOPIC_NAMESPACE",
+            format!("must be 1 to 64 characters from [A-Za-z0-9_-], got \"{namespace}\""),
+        ));
+    }
+    let tenant_collection = r.get("KAFKA_PRODUCER_TENANT_COLLECTION");
+    if let Some(tc) = &tenant_collection {
+        let mut chars = tc.chars();
+        let ok = matches!(chars.next(), Some('A'..='Z'))
+            && chars.all(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
+            && tc.len() <= 31;
+        if !ok {
+            return Err(err(
+                "KAFKA_PRODUCER_TENANT_COLLECTION",
+                format!("must match [A-Z][A-Z0-9]{{0,30}}, got \"{tc}\""),
+            ));
+        }
+    }
+
+    Ok(KafkaConfig {
+        bootstrap_servers: servers.join(","),
+        replication_factor: r.number("REPLICATION_FACTOR", 1i32, 1, i16::MAX as i32)?,
+        number_of_partitions: r.number("NUMBER_OF_PARTITIONS", 1i32, 1, 100_000)?,
+        namespace,
+        tenant_collection,
+        publish_timeout: Duration::from_millis(r.number(
+            "KAFKA_PUBLISH_TIMEOUT_MS",
+            10_000u64,
+            100,
+            600_000,
+        )?),
+        admin_timeout: Duration::from_millis(r.number(
+            "KAFKA_ADMIN_TIMEOUT_MS",
+            10_000u64,
+            100,
+            600_000,
+        )?),
+        client_properties: security_properties(r, vars)?,
+    })
+}
+
+/// librdkafka security properties from both spellings (see the module documentation).
+fn security_properties(
+    r: &Reader<'_>,
+    vars: &HashMap<String, String>,
+) -> Result<BTreeMap<String, String>, ConfigError> {
+    let mut props = BTreeMap::new();
+
+    // The Java module's names.
+    if let Some(v) = r.get("security.protocol") {
+        props.insert("security.protocol".to_owned(), v);
+    }
+    if let Some(location) = r.get("ssl.truststore.location") {
+        let kind = r
+            .get("ssl.truststore.type")
+            .unwrap_or_else(|| guess_store_type(&location))
+            .to_ascii_uppercase();
+        match kind.as_str() {
+            "PEM" => {
+                props.insert("ssl.ca.location".into(), location);
+            }
+            other => {
+                return Err(err(
+                    "ssl.truststore.location",
+                    format!("{other} truststores are not supported by librdkafka: convert it to PEM and set ssl.truststore.type=PEM (or KAFKA_SSL_CA_LOCATION)"),
+                ))
+            }
+        }
+    }
+    if let Some(location) = r.get("ssl.keystore.location") {
+        let kind = r
+            .get("ssl.keystore.type")
+            .unwrap_or_else(|| guess_store_type(&location))
+            .to_ascii_uppercase();
+        if kind != "PKCS12" {
+            return Err(err(
+                "ssl.keystore.location",
+                format!("{kind} keystores are not supported by librdkafka: use a PKCS#12 keystore (ssl.keystore.type=PKCS12), or KAFKA_SSL_CERTIFICATE_LOCATION and KAFKA_SSL_KEY_LOCATION for PEM files"),
+            ));
+        }
+        props.insert("ssl.keystore.location".into(), location);
+        if let Some(p) = r.get("ssl.keystore.password") {
+            props.insert("ssl.keystore.password".into(), p);
+        }
+    }
+    if let Some(p) = r.get("ssl.key.password") {
+        props.insert("ssl.key.password".into(), p);
+    }
+    if let Some(v) = vars.get("ssl.endpoint.identification.algorithm") {
+        // Java uses "" to switch host name verification off.
+        let v = v.trim();
+        props.insert(
+            "ssl.endpoint.identification.algorithm".into(),
+            if v.is_empty() {
+                "none".into()
+            } else {
+                v.to_owned()
+            },
+        );
+    }
+    if let Some(m) = r.get("sasl.mechanism") {
+        props.insert("sasl.mechanisms".into(), m);
+    }
+    if let Some(jaas) = r.get("sasl.jaas.config") {
+        for key in ["username", "password"] {
+            if let Some(value) = jaas_value(&jaas, key) {
+                props.insert(format!("sasl.{key}"), value);
+            }
+        }
+    }
+
+    // Shell-friendly names map one to one and win.
+    let mut upper: Vec<(&String, &String)> = vars
+        .iter()
+        .filter(|(k, _)| {
+            k.starts_with("KAFKA_SSL_")
+                || k.starts_with("KAFKA_SASL_")
+                || k.as_str() == "KAFKA_SECURITY_PROTOCOL"
+        })
+        .collect();
+    upper.sort();
+    for (k, v) in upper {
+        let v = v.trim();
+        if v.is_empty() {
+            continue;
+        }
+        let prop = k["KAFKA_".len()..].to_ascii_lowercase().replace('_', ".");
+        props.insert(prop, v.to_owned());
+    }
+
+    if let Some(p) = props.get("security.protocol") {
+        if !SECURITY_PROTOCOLS.contains(&p.to_ascii_lowercase().as_str()) {
+            return Err(err(
+                "security.protocol",
+                format!("must be one of PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL, got \"{p}\""),
+            ));
+        }
+    }
+    Ok(props)
+}
+
+fn guess_store_type(location: &str) -> String {
+    let lower = location.to_ascii_lowercase();
+    if lower.ends_with(".p12") || lower.ends_with(".pfx") {
+        "PKCS12".into()
+    } else if lower.ends_with(".jks") {
+        "JKS".into()
+    } else {
+        "PEM".into()
+    }
+}
+
+/// `username="x"` out of a JAAS line such as
+/// `org.apache.kafka.common.security.plain.PlainLoginModule required username="x" password="y";`
+fn jaas_value(jaas: &str, key: &str) -> Option<String> {
+    let start = jaas.find(&format!("{key}=\""))? + key.len() + 2;
+    let end = jaas[start..].find('"')? + start;
+    Some(jaas[start..end].to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kafka(pairs: &[(&str, &str)]) -> Result<KafkaConfig, ConfigError> {
+        let vars: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        read(&Reader { vars: &vars }, &vars)
+    }
+
+    #[test]
+    fn bootstrap_servers() {
+        assert_eq!(kafka(&[]).unwrap().bootstrap_servers, "localhost:9092");
+        assert_eq!(
+            kafka(&[("KAFKA_HOST", "k1,k2:9093"), ("KAFKA_PORT", "9094")])
+                .unwrap()
+                .bootstrap_servers,
+            "k1:9094,k2:9093"
+        );
+        assert_eq!(
+            kafka(&[("KAFKA_HOST", "a b")]).unwrap_err().var,
+            "KAFKA_HOST"
+        );
+    }
+
+    #[test]
+    fn java_and_shell_security_names() {
+        let c = kafka(&[
+            ("security.protocol", "SASL_SSL"),
+            ("ssl.truststore.location", "/certs/ca.pem"),
+            ("ssl.truststore.type", "PEM"),
+            ("ssl.keystore.location", "/certs/client.p12"),
+            ("ssl.keystore.password", "kspass"),
+            ("ssl.endpoint.identification.algorithm", ""),
+            ("sasl.mechanism", "SCRAM-SHA-512"),
+            ("sasl.jaas.config", r#"org.apache.kafka.common.security.scram.ScramLoginModule required username="pubsub" password="pw";"#),
+            ("KAFKA_SSL_CA_LOCATION", "/other/ca.pem"),
+        ])
+        .unwrap();
+        let p = &c.client_properties;
+        assert_eq!(p["security.protocol"], "SASL_SSL");
+        assert_eq!(p["ssl.ca.location"], "/other/ca.pem", "KAFKA_* wins");
+        assert_eq!(p["ssl.keystore.location"], "/certs/client.p12");
+        assert_eq!(p["ssl.keystore.password"], "kspass");
+        assert_eq!(p["ssl.endpoint.identification.algorithm"], "none");
+        assert_eq!(p["sasl.mechanisms"], "SCRAM-SHA-512");
+        assert_eq!(p["sasl.username"], "pubsub");
+        assert_eq!(p["sasl.password"], "pw");
+        let dump = format!("{c:?}");
+        assert!(
+            !dump.contains("kspass") && !dump.contains("\"pw\""),
+            "{dump}"
+        );
+    }
+
+    #[test]
+    fn java_keystores_are_refused_with_a_hint() {
+        let e = kafka(&[("ssl.truststore.location", "/certs/truststore.jks")]).unwrap_err();
+        assert_eq!(e.var, "ssl.truststore.location");
+        assert!(e.problem.contains("PEM"));
+        let e = kafka(&[("ssl.keystore.location", "/k.jks")]).unwrap_err();
+        assert_eq!(e.var, "ssl.keystore.location");
+        let e = kafka(&[("KAFKA_SECURITY_PROTOCOL", "tls")]).unwrap_err();
+        assert_eq!(e.var, "security.protocol");
+    }
+
+    #[test]
+    fn tenant_collection_and_namespace() {
+        assert_eq!(
+            kafka(&[("KAFKA_PRODUCER_TENANT_COLLECTION", "ALL")])
+                .unwrap()
+                .tenant_collection
+                .as_deref(),
+            Some("ALL")
+        );
+        for bad in ["all", "1A", "A-B", "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456"] {
+            assert_eq!(
+                kafka(&[("KAFKA_PRODUCER_TENANT_COLLECTION", bad)])
+                    .unwrap_err()
+                    .var,
+                "KAFKA_PRODUCER_TENANT_COLLECTION"
+            );
+        }
+        assert_eq!(kafka(&[]).unwrap().namespace, "Default");
+        assert_eq!(
+            kafka(&[("KAFKA_TOPIC_NAMESPACE", "a.b")]).unwrap_err().var,
+            "KAFKA_TOPIC_NAMESPACE"
+        );
+    }
+}

@@ -1,0 +1,127 @@
+//! The Event envelope, as mod-pubsub's `event.json` and folio-kafka-wrapper define it: the JSON
+//! value of every record on an event topic.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::domain::FolioUuid;
+use crate::http::extract::lenient;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Event {
+    #[schema(value_type = String, format = Uuid)]
+    pub id: FolioUuid,
+    #[serde(deserialize_with = "crate::http::event_types::event_type")]
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,100}$")]
+    pub event_type: String,
+    pub event_metadata: EventMetadata,
+    /// Opaque text, usually JSON-encoded; delivered to subscribers as the request body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_payload: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EventMetadata {
+    pub tenant_id: String,
+    #[serde(rename = "eventTTL", deserialize_with = "lenient::non_negative_int")]
+    pub event_ttl: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, format = Uuid)]
+    pub original_event_id: Option<FolioUuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publisher_callback: Option<PublisherCallback>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "date_time"
+    )]
+    #[schema(format = DateTime)]
+    pub created_date: Option<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "date_time"
+    )]
+    #[schema(format = DateTime)]
+    pub published_date: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_by: Option<String>,
+    /// The publishing module's id (name and version); must be registered as publisher.
+    pub published_by: String,
+}
+
+/// `publisherCallback`; this sub-object allows other properties, which are kept.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PublisherCallback {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_type: Option<String>,
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, serde_json::Value>,
+}
+
+/// A date-time as FOLIO writes them: ISO-8601 with an offset (`Z`, `+00:00` or `+0000`),
+/// optionally with fractions. Kept as sent; only checked.
+fn date_time<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let v = Option::<String>::deserialize(d)?;
+    match v {
+        Some(s) if parse_date_time(&s).is_none() => Err(serde::de::Error::custom(
+            "must be an ISO-8601 date-time with an offset, e.g. 2019-09-15T13:00:00.000+00:00",
+        )),
+        other => Ok(other),
+    }
+}
+
+/// Parses ISO-8601 date-times with an offset (RFC 3339, or `+0000` offsets as Java writes them).
+pub fn parse_date_time(s: &str) -> Option<chrono::DateTime<chrono::FixedOffset>> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .ok()
+        .or_else(|| chrono::DateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f%z").ok())
+}
+
+/// Now, formatted as RMB formats dates: `2019-09-15T13:00:00.000+00:00`.
+pub fn now_string() -> String {
+    format_date(chrono::Utc::now())
+}
+
+pub fn format_date(d: chrono::DateTime<chrono::Utc>) -> String {
+    d.format("%Y-%m-%dT%H:%M:%S%.3f+00:00").to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates() {
+        for ok in [
+            "2019-09-15T13:00:00.000+00:00",
+            "2019-09-15T13:00:00Z",
+            "2019-09-15T13:00:00.123456Z",
+            "2019-09-15T13:00:00.000+0000",
+        ] {
+            assert!(parse_date_time(ok).is_some(), "{ok}");
+        }
+        for bad in ["2019-09-15", "yesterday", "2019-09-15T13:00:00"] {
+            assert!(parse_date_time(bad).is_none(), "{bad}");
+        }
+        assert!(now_string().ends_with("+00:00"));
+    }
+
+    #[test]
+    fn envelope_round_trips_and_keeps_callback_extras() {
+        let json = r#"{"id":"5b3c1a8e-4f3b-4b1e-9c2e-0a1b2c3d4e5f","eventType":"T","eventMetadata":{"tenantId":"diku","eventTTL":1,"publishedBy":"m-1.0.0","publisherCallback":{"endpoint":"/x","extra":1}},"eventPayload":"{}"}"#;
+        let e: Event = serde_json::from_str(json).unwrap();
+        let back = serde_json::to_value(&e).unwrap();
+        assert_eq!(
+            back,
+            serde_json::from_str::<serde_json::Value>(json).unwrap()
+        );
+    }
+}

@@ -1,0 +1,223 @@
+//! Kafka: topic names, topic creation and the producer of the HTTP publish path.
+//!
+//! Every topic name is built from validated newtypes by [`Topics::name`], the same way as
+//! folio-kafka-wrapper names them, so Java modules on that library, this service and the
+//! direct-Kafka clients of this crate share topics.
+
+pub mod admin;
+pub mod producer;
+
+use std::fmt;
+
+use rdkafka::ClientConfig;
+
+use crate::config::KafkaConfig;
+use crate::domain::{EventType, TenantId};
+
+/// A Kafka topic name: `{ENV}.{namespace}.{tenant or collection}.{eventType}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TopicName(String);
+
+impl TopicName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for TopicName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Builds topic names. `env`, `namespace` and the tenant collection are validated by the
+/// configuration, tenant and event type by their newtypes; all are `[A-Za-z0-9_-]`, so the
+/// result is a legal topic name of at most 64 + 64 + 31 + 100 + 3 characters (< 249).
+#[derive(Debug, Clone)]
+pub struct Topics {
+    env: String,
+    namespace: String,
+    tenant_collection: Option<String>,
+}
+
+impl Topics {
+    pub fn new(env: &str, kafka: &KafkaConfig) -> Self {
+        Topics {
+            env: env.to_owned(),
+            namespace: kafka.namespace.clone(),
+            tenant_collection: kafka.tenant_collection.clone(),
+        }
+    }
+
+    pub fn name(&self, tenant: &TenantId, event_type: &EventType) -> TopicName {
+        let qualifier = self.tenant_collection.as_deref().unwrap_or(tenant.as_str());
+        TopicName(format!(
+            "{}.{}.{}.{}",
+            self.env, self.namespace, qualifier, event_type
+        ))
+    }
+
+    /// A regular expression matching the topics of `event_type` in every tenant (as the
+    /// wrapper's `formatSubscriptionPattern`, but for any tenant id this service accepts).
+    pub fn all_tenants_pattern(&self, event_type: &EventType) -> String {
+        format!(
+            "^{}\\.{}\\.[a-zA-Z0-9_]+\\.{}$",
+            self.env, self.namespace, event_type
+        )
+    }
+}
+
+/// Base librdkafka configuration: bootstrap servers and the security properties.
+pub fn client_config(kafka: &KafkaConfig) -> ClientConfig {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", &kafka.bootstrap_servers);
+    for (k, v) in &kafka.client_properties {
+        cfg.set(k, v);
+    }
+    cfg.set("client.id", "mod-pubsub");
+    cfg
+}
+
+/// What the service holds of Kafka.
+pub struct Kafka {
+    pub topics: Topics,
+    pub admin: admin::TopicAdmin,
+    pub producer: producer::EventProducer,
+    /// Asks the reconciler for a pass now (a publish failed: the broker may have lost topics).
+    pub reconcile_now: tokio::sync::Notify,
+}
+
+impl Kafka {
+    /// Creates the clients (they connect lazily).
+    pub fn new(config: &crate::Config) -> Result<Self, rdkafka::error::KafkaError> {
+        Ok(Kafka {
+            topics: Topics::new(&config.env, &config.kafka),
+            admin: admin::TopicAdmin::new(&config.kafka)?,
+            producer: producer::EventProducer::new(&config.kafka, config.max_request_size)?,
+            reconcile_now: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// The topics of `event_types` in `tenant`.
+    pub fn topic_set<'a>(
+        &self,
+        tenant: &TenantId,
+        event_types: impl IntoIterator<Item = &'a str>,
+    ) -> std::collections::BTreeSet<TopicName> {
+        event_types
+            .into_iter()
+            .filter_map(|t| EventType::parse(t).ok())
+            .map(|t| self.topics.name(tenant, &t))
+            .collect()
+    }
+}
+
+const RECONCILE_EVERY: std::time::Duration = std::time::Duration::from_secs(300);
+const RECONCILE_RETRY: std::time::Duration = std::time::Duration::from_secs(10);
+/// Requested passes run at most this often.
+const RECONCILE_MIN_GAP: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Makes sure every registered (tenant, event type) has its topic: at start-up, every five
+/// minutes, and when a publish failed (at most every 2 s), so that a wiped broker heals without a
+/// restart. Retries every 10 s while Kafka is unreachable.
+pub async fn reconcile_loop(
+    kafka: std::sync::Arc<Kafka>,
+    pool: sqlx::PgPool,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let wait = match reconcile_once(&kafka, &pool).await {
+            Ok(n) => {
+                tracing::info!(topics = n, "registered topics reconciled");
+                RECONCILE_EVERY
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "topic reconciliation failed; retrying");
+                RECONCILE_RETRY
+            }
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+            _ = kafka.reconcile_now.notified() => {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(RECONCILE_MIN_GAP) => {}
+                }
+            }
+        }
+    }
+}
+
+/// One pass; returns the number of registered topics.
+pub async fn reconcile_once(kafka: &Kafka, pool: &sqlx::PgPool) -> anyhow::Result<usize> {
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT DISTINCT tenant_id, event_type_id FROM pubsub_config.messaging_module",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut wanted = std::collections::BTreeSet::new();
+    for (tenant, event_type) in rows {
+        match (TenantId::parse(&tenant), EventType::parse(&event_type)) {
+            (Ok(t), Ok(e)) => {
+                wanted.insert(kafka.topics.name(&t, &e));
+            }
+            _ => {
+                tracing::warn!(%tenant, %event_type, "registration cannot have a topic (invalid tenant id or event type)")
+            }
+        }
+    }
+    let existing = kafka.admin.existing().await?;
+    let missing: std::collections::BTreeSet<TopicName> = wanted
+        .iter()
+        .filter(|t| !existing.contains(t.as_str()))
+        .cloned()
+        .collect();
+    if !missing.is_empty() {
+        tracing::info!(missing = missing.len(), "creating missing topics");
+        kafka.admin.ensure(&missing).await?;
+    }
+    // The broker answers: a producer that failed through an outage gets a fresh start.
+    kafka.producer.heal();
+    Ok(wanted.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn topics(extra: &[(&str, &str)]) -> Topics {
+        let mut vars: HashMap<String, String> = [("SYSTEM_USER_CREATE", "false"), ("ENV", "folio")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        for (k, v) in extra {
+            vars.insert(k.to_string(), v.to_string());
+        }
+        let c = crate::Config::from_map(&vars).unwrap();
+        Topics::new(&c.env, &c.kafka)
+    }
+
+    #[test]
+    fn names_follow_folio_kafka_wrapper() {
+        let t = TenantId::parse("fs09000000").unwrap();
+        let e = EventType::parse("DI_RAW_RECORDS_CHUNK_PARSED").unwrap();
+        assert_eq!(
+            topics(&[]).name(&t, &e).as_str(),
+            "folio.Default.fs09000000.DI_RAW_RECORDS_CHUNK_PARSED"
+        );
+        assert_eq!(
+            topics(&[("KAFKA_PRODUCER_TENANT_COLLECTION", "ALL")])
+                .name(&t, &e)
+                .as_str(),
+            "folio.Default.ALL.DI_RAW_RECORDS_CHUNK_PARSED"
+        );
+        assert_eq!(
+            topics(&[("KAFKA_TOPIC_NAMESPACE", "pubsub")])
+                .name(&t, &e)
+                .as_str(),
+            "folio.pubsub.fs09000000.DI_RAW_RECORDS_CHUNK_PARSED"
+        );
+    }
+}

@@ -1,0 +1,207 @@
+//! An in-memory view of the publisher registrations and of the enabled tenants, so that
+//! `POST /pubsub/publish` needs no database round trip.
+//!
+//! Every change to `messaging_module` or to a tenant's enablement is announced with
+//! `pg_notify('pubsub_registry', <tenant>)` in the same transaction; every instance listens on
+//! that channel and reloads the tenant, so a registration made on one instance is honoured by
+//! the others within milliseconds. When the listening connection drops, notifications may have
+//! been missed, so the whole view is reloaded after reconnecting, and once a minute anyway.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use sqlx::postgres::PgListener;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::{ModuleRole, TenantId};
+
+pub const CHANNEL: &str = "pubsub_registry";
+const FULL_RELOAD_EVERY: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Default, Clone)]
+struct TenantView {
+    /// event type → (publisher module id → activated)
+    publishers: HashMap<String, HashMap<String, bool>>,
+    enabled: bool,
+}
+
+/// The publisher check's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PublisherCheck {
+    Registered,
+    NotRegistered,
+    NotActivated,
+}
+
+#[derive(Clone, Default)]
+pub struct RegistryCache {
+    tenants: Arc<RwLock<HashMap<String, Arc<TenantView>>>>,
+}
+
+impl RegistryCache {
+    /// Whether `module_id` (compared exactly, as the Java module does) is a registered publisher of
+    /// `event_type` in `tenant`.
+    pub fn check_publisher(
+        &self,
+        tenant: &TenantId,
+        event_type: &str,
+        module_id: &str,
+    ) -> PublisherCheck {
+        let tenants = self.tenants.read().unwrap_or_else(|e| e.into_inner());
+        match tenants
+            .get(tenant.as_str())
+            .and_then(|t| t.publishers.get(event_type))
+            .and_then(|m| m.get(module_id))
+        {
+            None => PublisherCheck::NotRegistered,
+            Some(true) => PublisherCheck::Registered,
+            Some(false) => PublisherCheck::NotActivated,
+        }
+    }
+
+    /// Whether `_tenant` created the tenant's schema (and no purge dropped it).
+    pub fn tenant_enabled(&self, tenant: &TenantId) -> bool {
+        let tenants = self.tenants.read().unwrap_or_else(|e| e.into_inner());
+        tenants.get(tenant.as_str()).is_some_and(|t| t.enabled)
+    }
+
+    /// Reloads one tenant.
+    pub async fn reload_tenant(&self, pool: &PgPool, tenant: &str) -> sqlx::Result<()> {
+        let rows: Vec<(String, String, bool)> = sqlx::query_as(
+            "SELECT event_type_id, module_id, activated FROM pubsub_config.messaging_module WHERE tenant_id = $1 AND role = $2",
+        )
+        .bind(tenant)
+        .bind(ModuleRole::Publisher)
+        .fetch_all(pool)
+        .await?;
+        let enabled: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+                .bind(format!("{tenant}_mod_pubsub"))
+                .fetch_one(pool)
+                .await?;
+        let mut view = TenantView {
+            enabled,
+            ..Default::default()
+        };
+        for (event_type, module_id, activated) in rows {
+            view.publishers
+                .entry(event_type)
+                .or_default()
+                .insert(module_id, activated);
+        }
+        self.tenants
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(tenant.to_owned(), Arc::new(view));
+        Ok(())
+    }
+
+    /// Reloads everything.
+    pub async fn reload_all(&self, pool: &PgPool) -> sqlx::Result<()> {
+        let rows: Vec<(String, String, String, bool)> = sqlx::query_as(
+            "SELECT tenant_id, event_type_id, module_id, activated FROM pubsub_config.messaging_module WHERE role = $1",
+        )
+        .bind(ModuleRole::Publisher)
+        .fetch_all(pool)
+        .await?;
+        let schemas: Vec<String> = sqlx::query_scalar(
+            "SELECT nspname::text FROM pg_namespace WHERE nspname LIKE '%\\_mod\\_pubsub'",
+        )
+        .fetch_all(pool)
+        .await?;
+        let enabled: HashSet<&str> = schemas
+            .iter()
+            .filter_map(|s| s.strip_suffix("_mod_pubsub"))
+            .collect();
+        let mut views: HashMap<String, TenantView> = HashMap::new();
+        for t in &enabled {
+            views.entry((*t).to_owned()).or_default().enabled = true;
+        }
+        for (tenant, event_type, module_id, activated) in rows {
+            views
+                .entry(tenant)
+                .or_default()
+                .publishers
+                .entry(event_type)
+                .or_default()
+                .insert(module_id, activated);
+        }
+        let fresh = views.into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
+        *self.tenants.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        Ok(())
+    }
+
+    /// Keeps the view current until `shutdown`: LISTEN on the channel, reload on notifications,
+    /// fully after reconnects and periodically.
+    pub async fn follow(self, pool: PgPool, shutdown: CancellationToken) {
+        let mut listener: Option<PgListener> = None;
+        let mut next_full = tokio::time::Instant::now() + FULL_RELOAD_EVERY;
+        loop {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            if listener.is_none() {
+                match PgListener::connect_with(&pool).await {
+                    Ok(mut l) => match l.listen(CHANNEL).await {
+                        Ok(()) => {
+                            listener = Some(l);
+                            // Whatever changed while we were not listening.
+                            if let Err(e) = self.reload_all(&pool).await {
+                                tracing::warn!(error = %e, "registry reload failed");
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "LISTEN failed"),
+                    },
+                    Err(e) => tracing::warn!(error = %e, "registry listener cannot connect"),
+                }
+                if listener.is_none() {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            }
+            let Some(l) = listener.as_mut() else { continue };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep_until(next_full) => {
+                    next_full = tokio::time::Instant::now() + FULL_RELOAD_EVERY;
+                    if let Err(e) = self.reload_all(&pool).await {
+                        tracing::warn!(error = %e, "periodic registry reload failed");
+                    }
+                }
+                received = l.try_recv() => match received {
+                    Ok(Some(n)) => {
+                        let tenant = n.payload().to_owned();
+                        if let Err(e) = self.reload_tenant(&pool, &tenant).await {
+                            tracing::warn!(error = %e, %tenant, "registry reload failed; reloading everything");
+                            let _ = self.reload_all(&pool).await;
+                        }
+                    }
+                    // The connection was lost and re-established: notifications may be lost.
+                    Ok(None) => {
+                        if let Err(e) = self.reload_all(&pool).await {
+                            tracing::warn!(error = %e, "registry reload after reconnect failed");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "registry listener failed; reconnecting");
+                        listener = None;
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// Announces a change of `tenant`'s registrations or enablement (call inside the transaction).
+pub async fn notify<'e, E: sqlx::PgExecutor<'e>>(exec: E, tenant: &TenantId) -> sqlx::Result<()> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(CHANNEL)
+        .bind(tenant.as_str())
+        .execute(exec)
+        .await?;
+    Ok(())
+}

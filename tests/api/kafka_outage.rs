@@ -1,0 +1,180 @@
+//! The broker goes away and comes back: publishes answer 503 within the configured time and are
+//! audited as REJECTED, declarations store nothing, and everything works again without a restart.
+
+use std::time::{Duration, Instant};
+
+use crate::helpers::*;
+use crate::kafka_util::{partitions, OwnBroker};
+use crate::publish::{event, new_id, register_publisher};
+
+#[tokio::test]
+async fn broker_down_then_back() {
+    let mut broker = OwnBroker::start();
+    let db = TestDb::create().await;
+    let port = broker.port.to_string();
+    let app = TestApp::spawn_on(db, move |e| {
+        e.insert("KAFKA_HOST".into(), "127.0.0.1".into());
+        e.insert("KAFKA_PORT".into(), port);
+        e.insert("KAFKA_PUBLISH_TIMEOUT_MS".into(), "2000".into());
+        e.insert("KAFKA_ADMIN_TIMEOUT_MS".into(), "2000".into());
+    })
+    .await;
+    register_publisher(&app, "diku", "OUTAGE", "m-1.0.0").await;
+    assert_eq!(
+        app.post_json(
+            "diku",
+            "/pubsub/publish",
+            &event(&new_id(), "OUTAGE", "diku", "m-1.0.0", "{}")
+        )
+        .await
+        .status(),
+        204
+    );
+
+    broker.stop();
+
+    // Publish: 503 in FOLIO's format within the configured 2 s (plus scheduling slack).
+    let id = new_id();
+    let started = Instant::now();
+    let r = app
+        .post_json(
+            "diku",
+            "/pubsub/publish",
+            &event(&id, "OUTAGE", "diku", "m-1.0.0", "{}"),
+        )
+        .await;
+    let took = started.elapsed();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    let message = text(r).await;
+    assert!(message.starts_with("OUTAGE event to topic"), "{message}");
+    assert!(took < Duration::from_secs(6), "answered after {took:?}");
+    let rows = app.audit_of("diku", &id, 2).await;
+    let states: Vec<&str> = rows.iter().map(|r| r["state"].as_str().unwrap()).collect();
+    assert_eq!(states, ["CREATED", "REJECTED"], "no PUBLISHED row");
+
+    // A declaration that needs a topic: 503 and nothing stored.
+    let d = descriptor("OUTAGE_2", "x", 1);
+    assert_eq!(
+        app.post_json("diku", "/pubsub/event-types", &d)
+            .await
+            .status(),
+        201
+    );
+    let r = app
+        .post_json(
+            "diku",
+            "/pubsub/event-types/declare/publisher",
+            &publisher("m2-1.0.0", [d.clone()]),
+        )
+        .await;
+    assert_eq!(r.status(), 503);
+    let r = app
+        .post_json(
+            "diku",
+            "/pubsub/event-types/declare/subscriber",
+            &subscriber("s-1.0.0", &[("OUTAGE_2", "/cb")]),
+        )
+        .await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(
+        total(&app, "diku", "/pubsub/event-types/OUTAGE_2/publishers").await,
+        0
+    );
+    assert_eq!(
+        total(&app, "diku", "/pubsub/event-types/OUTAGE_2/subscribers").await,
+        0
+    );
+
+    // The broker comes back empty (memory storage): publishing works again, the topic is recreated.
+    broker.restart();
+    let back = Instant::now();
+    loop {
+        let r = app
+            .post_json(
+                "diku",
+                "/pubsub/publish",
+                &event(&new_id(), "OUTAGE", "diku", "m-1.0.0", "{}"),
+            )
+            .await;
+        if r.status() == 204 {
+            break;
+        }
+        let last = format!("{} {}", r.status(), r.text().await.unwrap());
+        assert!(
+            back.elapsed() < Duration::from_secs(60),
+            "publishing did not recover: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let bootstrap = broker.bootstrap();
+    let topic = app.topic("diku", "OUTAGE");
+    assert!(
+        tokio::task::spawn_blocking(move || partitions(&bootstrap, &topic))
+            .await
+            .unwrap()
+            .is_some()
+    );
+    let r = app
+        .post_json(
+            "diku",
+            "/pubsub/event-types/declare/publisher",
+            &publisher("m2-1.0.0", [d]),
+        )
+        .await;
+    assert_eq!(r.status(), 201);
+}
+
+#[tokio::test]
+async fn start_up_recreates_the_topics_of_a_wiped_broker() {
+    let mut broker = OwnBroker::start();
+    let db = TestDb::create().await;
+    let port = broker.port.to_string();
+    let app = TestApp::spawn_on(db, move |e| {
+        e.insert("KAFKA_HOST".into(), "127.0.0.1".into());
+        e.insert("KAFKA_PORT".into(), port);
+    })
+    .await;
+    app.enable_tenant("diku").await;
+    let r = app
+        .post_json(
+            "diku",
+            "/pubsub/event-types/declare/subscriber",
+            &subscriber("s-1.0.0", &[("HEAL_A", "/a"), ("HEAL_B", "/b")]),
+        )
+        .await;
+    assert_eq!(r.status(), 201);
+    let second = app.another_instance();
+    broker.restart(); // wiped
+    let bootstrap = broker.bootstrap();
+    let topics = [app.topic("diku", "HEAL_A"), app.topic("diku", "HEAL_B")];
+    {
+        let (b, t) = (bootstrap.clone(), topics[0].clone());
+        assert_eq!(
+            tokio::task::spawn_blocking(move || partitions(&b, &t))
+                .await
+                .unwrap(),
+            None
+        );
+    }
+    // A (re)started instance reconciles at start-up.
+    let _second = second.await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for topic in topics {
+        loop {
+            let (b, t) = (bootstrap.clone(), topic.clone());
+            if tokio::task::spawn_blocking(move || partitions(&b, &t))
+                .await
+                .unwrap()
+                .is_some()
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{topic} was not recreated");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! Kafka from the tests' side: a plain rdkafka consumer, broker metadata, and brokers of the
+//! tests' own (for outages).
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::ClientConfig;
+
+/// A record as the test reads it back.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub key: Option<String>,
+    pub value: serde_json::Value,
+    pub headers: HashMap<String, String>,
+    pub partition: i32,
+}
+
+/// Reads `count` records of `topic` from the beginning (fails after `timeout`).
+pub fn read_records(bootstrap: &str, topic: &str, count: usize, timeout: Duration) -> Vec<Record> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("test-{}", uuid::Uuid::new_v4()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .expect("test consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::new();
+    while out.len() < count && Instant::now() < deadline {
+        if let Some(m) = consumer.poll(Duration::from_millis(100)) {
+            let m = m.expect("consume");
+            let mut headers = HashMap::new();
+            if let Some(h) = m.headers() {
+                for i in 0..h.count() {
+                    let hh = h.get(i);
+                    headers.insert(
+                        hh.key.to_owned(),
+                        String::from_utf8_lossy(hh.value.unwrap_or_default()).into_owned(),
+                    );
+                }
+            }
+            out.push(Record {
+                key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                value: serde_json::from_slice(m.payload().unwrap_or_default()).expect("JSON value"),
+                headers,
+                partition: m.partition(),
+            });
+        }
+    }
+    assert_eq!(out.len(), count, "records read from {topic}");
+    out
+}
+
+/// Partition count of `topic`, or None when the broker does not have it.
+pub fn partitions(bootstrap: &str, topic: &str) -> Option<usize> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("metadata client");
+    let md = consumer
+        .fetch_metadata(None, Duration::from_secs(10))
+        .expect("metadata");
+    md.topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .map(|t| t.partitions().len())
+}
+
+/// A tansu broker of the test's own, on a free port, with memory storage.
+pub struct OwnBroker {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+fn tansu_bin() -> String {
+    if let Ok(bin) = std::env::var("TANSU_BIN") {
+        return bin;
+    }
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    for candidate in [
+        format!("{home}/.cache/mod-pubsub/tansu-0.6.0/bin/tansu"),
+        format!(
+            "{}/.tools/tansu-0.6.0/bin/tansu",
+            env!("CARGO_MANIFEST_DIR")
+        ),
+    ] {
+        if std::path::Path::new(&candidate).exists() {
+            return candidate;
+        }
+    }
+    panic!("no tansu binary: run the tests through scripts/test.sh, which provides TANSU_BIN");
+}
+
+impl OwnBroker {
+    pub fn start() -> OwnBroker {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut b = OwnBroker { port, child: None };
+        b.restart();
+        b
+    }
+
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Starts it (again) on the same port; memory storage starts empty.
+    pub fn restart(&mut self) {
+        self.stop();
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let child = Command::new(tansu_bin())
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                "memory://tansu/",
+            ])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start tansu");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "tansu did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for OwnBroker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
