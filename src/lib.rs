@@ -73,6 +73,12 @@ pub async fn run(
     };
     let tasks = state.tasks.clone();
     tracing::info!(addr = %listener.local_addr()?, "mod-pubsub listening");
+    // Small responses (204) go out at once instead of waiting for Nagle's algorithm.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
+    });
     axum::serve(listener, http::app(state))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await?;

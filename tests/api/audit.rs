@@ -1,0 +1,104 @@
+//! The audit trail: rows survive a database outage (queued, retried), old rows are purged.
+
+use std::time::Duration;
+
+use crate::helpers::*;
+use crate::publish::{event, new_id, register_publisher};
+
+#[tokio::test]
+async fn audit_rows_wait_for_the_database_instead_of_being_lost() {
+    let app = TestApp::spawn().await;
+    register_publisher(&app, "diku", "AUDITED", "m-1.0.0").await;
+
+    let admin = sqlx::PgPool::connect_with(server_options(&env_or("DB_DATABASE", "okapi_modules")))
+        .await
+        .unwrap();
+    let name = app.db.name.clone();
+    sqlx::query(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+        .bind(&name)
+        .execute(&admin)
+        .await
+        .unwrap();
+
+    // Publishing needs no database round trip: it goes on while the database is away.
+    let ids: Vec<String> = (0..5).map(|_| new_id()).collect();
+    for id in &ids {
+        let r = app
+            .post_json(
+                "diku",
+                "/pubsub/publish",
+                &event(id, "AUDITED", "diku", "m-1.0.0", "{}"),
+            )
+            .await;
+        assert_eq!(r.status(), 204);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sqlx::query(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    admin.close().await;
+
+    for id in &ids {
+        let rows = app.audit_of("diku", id, 2).await;
+        let states: Vec<&str> = rows.iter().map(|r| r["state"].as_str().unwrap()).collect();
+        assert_eq!(states, ["CREATED", "PUBLISHED"], "{id}");
+    }
+}
+
+#[tokio::test]
+async fn rows_past_retention_are_purged() {
+    let app = TestApp::spawn().await;
+    app.enable_tenant("diku").await;
+    let old_event = new_id();
+    let new_event = new_id();
+    for (event_id, age_days) in [(&old_event, 40), (&new_event, 1)] {
+        sqlx::query(
+            "INSERT INTO diku_mod_pubsub.audit_message (id, event_id, event_type, tenant_id, audit_date, state, published_by) \
+             VALUES ($1, $2::uuid, 'T', 'diku', now() - make_interval(days => $3), 'PUBLISHED', 'm-1.0.0')",
+        )
+        .bind(uuid::Uuid::new_v4())
+        .bind(event_id)
+        .bind(age_days)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+        sqlx::query("INSERT INTO diku_mod_pubsub.audit_message_payload (event_id, content) VALUES ($1::uuid, '{}')")
+            .bind(event_id)
+            .execute(&app.pool)
+            .await
+            .unwrap();
+    }
+    // An instance with a 30-day retention purges at start-up.
+    let mut env = app.env.clone();
+    env.insert("AUDIT_RETENTION_DAYS".into(), "30".into());
+    let _purger = TestApp::spawn_on(app.db.clone(), move |e| *e = env).await;
+    let mut left: Vec<String> = Vec::new();
+    for _ in 0..100 {
+        left = sqlx::query_scalar(
+            "SELECT event_id::text FROM diku_mod_pubsub.audit_message_payload ORDER BY 1",
+        )
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+        if left.len() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        left,
+        vec![new_event.clone()],
+        "the old event's payload goes with its rows"
+    );
+    let rows: Vec<String> =
+        sqlx::query_scalar("SELECT event_id::text FROM diku_mod_pubsub.audit_message")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(rows, vec![new_event]);
+}
