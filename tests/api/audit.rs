@@ -10,19 +10,7 @@ async fn audit_rows_wait_for_the_database_instead_of_being_lost() {
     let app = TestApp::spawn().await;
     register_publisher(&app, "diku", "AUDITED", "m-1.0.0").await;
 
-    let admin = sqlx::PgPool::connect_with(server_options(&env_or("DB_DATABASE", "okapi_modules")))
-        .await
-        .unwrap();
-    let name = app.db.name.clone();
-    sqlx::query(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false"))
-        .execute(&admin)
-        .await
-        .unwrap();
-    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
-        .bind(&name)
-        .execute(&admin)
-        .await
-        .unwrap();
+    app.db.take_away().await;
 
     // Publishing needs no database round trip: it goes on while the database is away.
     let ids: Vec<String> = (0..5).map(|_| new_id()).collect();
@@ -37,11 +25,7 @@ async fn audit_rows_wait_for_the_database_instead_of_being_lost() {
         assert_eq!(r.status(), 204);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    sqlx::query(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true"))
-        .execute(&admin)
-        .await
-        .unwrap();
-    admin.close().await;
+    app.db.give_back().await;
 
     for id in &ids {
         let rows = app.audit_of("diku", id, 2).await;

@@ -16,20 +16,7 @@ async fn health_is_200_then_503_when_the_database_goes_away_then_200_again() {
     assert_eq!(r.status(), 200);
     assert_eq!(text(r).await, "OK");
 
-    // Take the database away: refuse new connections and end the existing ones.
-    let admin = sqlx::PgPool::connect_with(server_options(&env_or("DB_DATABASE", "okapi_modules")))
-        .await
-        .unwrap();
-    let name = app.db.name.clone();
-    sqlx::query(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false"))
-        .execute(&admin)
-        .await
-        .unwrap();
-    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
-        .bind(&name)
-        .execute(&admin)
-        .await
-        .unwrap();
+    app.db.take_away().await;
 
     let mut saw_503 = false;
     for _ in 0..40 {
@@ -57,10 +44,7 @@ async fn health_is_200_then_503_when_the_database_goes_away_then_200_again() {
         .unwrap();
     assert_eq!(r.status(), 503);
 
-    sqlx::query(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true"))
-        .execute(&admin)
-        .await
-        .unwrap();
+    app.db.give_back().await;
     let mut back = false;
     for _ in 0..100 {
         let r = app
@@ -76,7 +60,6 @@ async fn health_is_200_then_503_when_the_database_goes_away_then_200_again() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(back, "health did not recover");
-    admin.close().await;
 }
 
 #[tokio::test]

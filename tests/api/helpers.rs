@@ -39,6 +39,41 @@ pub struct TestDb {
 }
 
 impl TestDb {
+    /// Refuses new connections to this database and ends the existing ones (an outage).
+    pub async fn take_away(&self) {
+        let admin = PgPool::connect_with(server_options(&env_or("DB_DATABASE", "okapi_modules")))
+            .await
+            .unwrap();
+        sqlx::query(&format!(
+            "ALTER DATABASE {} ALLOW_CONNECTIONS false",
+            self.name
+        ))
+        .execute(&admin)
+        .await
+        .unwrap();
+        sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+            .bind(&self.name)
+            .execute(&admin)
+            .await
+            .unwrap();
+        admin.close().await;
+    }
+
+    /// Ends the outage of [`TestDb::take_away`].
+    pub async fn give_back(&self) {
+        let admin = PgPool::connect_with(server_options(&env_or("DB_DATABASE", "okapi_modules")))
+            .await
+            .unwrap();
+        sqlx::query(&format!(
+            "ALTER DATABASE {} ALLOW_CONNECTIONS true",
+            self.name
+        ))
+        .execute(&admin)
+        .await
+        .unwrap();
+        admin.close().await;
+    }
+
     pub async fn create() -> TestDb {
         let name = format!("pubsub_test_{}", uuid::Uuid::new_v4().simple());
         let admin_db = env_or("DB_DATABASE", "okapi_modules");

@@ -419,6 +419,29 @@ async fn rejected_publishes() {
     );
 }
 
+/// Publishes on `app` until it answers `status`, failing after a second.
+async fn answers_within_a_second(app: &TestApp, status: u16, what: &str) {
+    let started = Instant::now();
+    loop {
+        let r = app
+            .post_json(
+                "diku",
+                "/pubsub/publish",
+                &event(&new_id(), "MULTI", "diku", "m-1.0.0", "{}"),
+            )
+            .await;
+        if r.status() == status {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{what} after {:?}",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_registration_on_one_instance_is_honoured_by_another_within_a_second() {
     let a = TestApp::spawn().await;
@@ -451,25 +474,7 @@ async fn a_registration_on_one_instance_is_honoured_by_another_within_a_second()
         .status(),
         201
     );
-    let registered = Instant::now();
-    loop {
-        let r = b
-            .post_json(
-                "diku",
-                "/pubsub/publish",
-                &event(&new_id(), "MULTI", "diku", "m-1.0.0", "{}"),
-            )
-            .await;
-        if r.status() == 204 {
-            break;
-        }
-        assert!(
-            registered.elapsed() < Duration::from_secs(1),
-            "instance B still refuses after {:?}",
-            registered.elapsed()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    answers_within_a_second(&b, 204, "instance B still refuses").await;
 
     // Unregistering on A is honoured by B as well.
     assert_eq!(
@@ -481,25 +486,7 @@ async fn a_registration_on_one_instance_is_honoured_by_another_within_a_second()
         .status(),
         204
     );
-    let unregistered = Instant::now();
-    loop {
-        let r = b
-            .post_json(
-                "diku",
-                "/pubsub/publish",
-                &event(&new_id(), "MULTI", "diku", "m-1.0.0", "{}"),
-            )
-            .await;
-        if r.status() == 400 {
-            break;
-        }
-        assert!(
-            unregistered.elapsed() < Duration::from_secs(1),
-            "instance B still accepts after {:?}",
-            unregistered.elapsed()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    answers_within_a_second(&b, 400, "instance B still accepts").await;
 }
 
 #[tokio::test]
