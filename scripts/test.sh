@@ -14,8 +14,8 @@ ensure_services
 ensure_tansu_binary
 
 drop_test_databases
-log "cargo test --locked --all-targets $*"
+log "cargo test --locked --lib --bins --tests $*"
 status=0
-cargo test --locked --all-targets "$@" || status=$?
+cargo test --locked --lib --bins --tests "$@" || status=$?
 drop_test_databases
 exit "${status}"
