@@ -57,6 +57,10 @@ pub struct AuditRecord {
     pub state: AuditState,
     pub error_message: Option<String>,
     pub audit_date: DateTime<Utc>,
+    /// The subscriber module of a delivery row (RECEIVED, DELIVERED, REJECTED on delivery).
+    pub subscriber: Option<String>,
+    /// The delivery attempt (1, 2, …) of a delivery row.
+    pub attempt: Option<i32>,
 }
 
 #[derive(Debug, Clone)]
@@ -176,6 +180,8 @@ async fn insert(pool: &PgPool, tenant: &TenantId, items: &[&AuditItem]) -> sqlx:
     let mut states = Vec::new();
     let mut errors: Vec<Option<String>> = Vec::new();
     let mut dates = Vec::new();
+    let mut subscribers: Vec<Option<String>> = Vec::new();
+    let mut attempts: Vec<Option<i32>> = Vec::new();
     let mut payload_ids = Vec::new();
     let mut payloads = Vec::new();
     for item in items {
@@ -194,6 +200,8 @@ async fn insert(pool: &PgPool, tenant: &TenantId, items: &[&AuditItem]) -> sqlx:
                     r.error_message.as_deref().map(clean).unwrap_or_default(),
                 ));
                 dates.push(r.audit_date);
+                subscribers.push(r.subscriber.as_deref().map(clean));
+                attempts.push(r.attempt);
             }
             AuditItem::Payload {
                 event_id, content, ..
@@ -209,11 +217,11 @@ async fn insert(pool: &PgPool, tenant: &TenantId, items: &[&AuditItem]) -> sqlx:
     if !ids.is_empty() {
         sqlx::query(&format!(
             "INSERT INTO {schema}.audit_message \
-             (id, event_id, event_type, correlation_id, tenant_id, created_by, published_by, state, error_message, audit_date) \
+             (id, event_id, event_type, correlation_id, tenant_id, created_by, published_by, state, error_message, audit_date, subscriber, attempt) \
              SELECT u.id, u.event_id, u.event_type, u.correlation_id, $10, u.created_by, u.published_by, \
-                    u.state::{schema}.message_state, u.error_message, u.audit_date \
-             FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::timestamptz[]) \
-               AS u(id, event_id, event_type, correlation_id, created_by, published_by, state, error_message, audit_date)"
+                    u.state::{schema}.message_state, u.error_message, u.audit_date, u.subscriber, u.attempt \
+             FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::timestamptz[], $11::text[], $12::int4[]) \
+               AS u(id, event_id, event_type, correlation_id, created_by, published_by, state, error_message, audit_date, subscriber, attempt)"
         ))
         .bind(&ids)
         .bind(&event_ids)
@@ -225,6 +233,8 @@ async fn insert(pool: &PgPool, tenant: &TenantId, items: &[&AuditItem]) -> sqlx:
         .bind(&errors)
         .bind(&dates)
         .bind(tenant.as_str())
+        .bind(&subscribers)
+        .bind(&attempts)
         .execute(&mut *tx)
         .await?;
     }

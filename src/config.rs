@@ -53,6 +53,40 @@ pub struct Config {
     /// Largest accepted request body, in bytes (`MAX_REQUEST_SIZE`, default 1 MiB).
     pub max_request_size: usize,
     pub audit: AuditConfig,
+    pub delivery: DeliveryConfig,
+}
+
+#[derive(Clone, Debug)]
+pub struct DeliveryConfig {
+    /// Whether this instance delivers to subscribers (`DELIVERY_ENABLED`, default true).
+    pub enabled: bool,
+    /// Waits between attempts (`DELIVERY_RETRY_SCHEDULE`, default `1s,5s,30s,2m,10m`): one
+    /// attempt more than there are waits; then the event is dead-lettered.
+    pub retry_schedule: Vec<Duration>,
+    /// Whole-request timeout of a callback (`DELIVERY_TIMEOUT_MS`, default 30000).
+    pub timeout: Duration,
+    /// Connect timeout of a callback (`DELIVERY_CONNECT_TIMEOUT_MS`, default 2000).
+    pub connect_timeout: Duration,
+}
+
+/// `1s,5s,30s,2m,10m` (units ms, s, m, h).
+fn parse_schedule(raw: &str) -> Option<Vec<Duration>> {
+    raw.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (num, unit) = p.split_at(p.find(|c: char| !c.is_ascii_digit())?);
+            let n: u64 = num.parse().ok()?;
+            let ms = match unit {
+                "ms" => n,
+                "s" => n * 1_000,
+                "m" => n * 60_000,
+                "h" => n * 3_600_000,
+                _ => return None,
+            };
+            (ms <= 86_400_000).then(|| Duration::from_millis(ms))
+        })
+        .collect()
 }
 
 #[derive(Clone, Debug)]
@@ -102,6 +136,7 @@ impl fmt::Debug for Config {
             .field("system_user", &self.system_user)
             .field("max_request_size", &self.max_request_size)
             .field("audit", &self.audit)
+            .field("delivery", &self.delivery)
             .finish()
     }
 }
@@ -262,6 +297,30 @@ impl Config {
             ),
         };
 
+        let schedule_raw = r.string("DELIVERY_RETRY_SCHEDULE", "1s,5s,30s,2m,10m");
+        let retry_schedule = parse_schedule(&schedule_raw).filter(|s| s.len() <= 100).ok_or_else(|| {
+            err(
+                "DELIVERY_RETRY_SCHEDULE",
+                format!("must be a comma-separated list of waits such as 1s,5s,30s,2m,10m (units ms, s, m, h), got \"{schedule_raw}\""),
+            )
+        })?;
+        let delivery = DeliveryConfig {
+            enabled: r.bool("DELIVERY_ENABLED", true)?,
+            retry_schedule,
+            timeout: Duration::from_millis(r.number(
+                "DELIVERY_TIMEOUT_MS",
+                30_000u64,
+                100,
+                600_000,
+            )?),
+            connect_timeout: Duration::from_millis(r.number(
+                "DELIVERY_CONNECT_TIMEOUT_MS",
+                2_000u64,
+                100,
+                60_000,
+            )?),
+        };
+
         Ok(Config {
             http_port,
             db,
@@ -271,6 +330,7 @@ impl Config {
             system_user,
             max_request_size,
             audit,
+            delivery,
         })
     }
 }
@@ -365,6 +425,41 @@ mod tests {
         )]))
         .unwrap();
         assert!(!c.system_user.create);
+    }
+
+    #[test]
+    fn retry_schedules() {
+        assert_eq!(
+            cfg(&[]).unwrap().delivery.retry_schedule,
+            [1, 5, 30, 120, 600].map(Duration::from_secs).to_vec()
+        );
+        assert_eq!(
+            cfg(&[("DELIVERY_RETRY_SCHEDULE", "100ms, 2s,1h")])
+                .unwrap()
+                .delivery
+                .retry_schedule,
+            vec![
+                Duration::from_millis(100),
+                Duration::from_secs(2),
+                Duration::from_secs(3600)
+            ]
+        );
+        assert_eq!(
+            cfg(&[("DELIVERY_RETRY_SCHEDULE", "")])
+                .unwrap()
+                .delivery
+                .retry_schedule
+                .len(),
+            5,
+            "blank is the default"
+        );
+        for bad in ["5", "1s,x", "1d", "-1s"] {
+            assert_eq!(
+                cfg(&[("DELIVERY_RETRY_SCHEDULE", bad)]).unwrap_err().var,
+                "DELIVERY_RETRY_SCHEDULE",
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -160,7 +160,8 @@ impl ModuleId {
 }
 string_newtype_serde!(ModuleId);
 
-fn module_name(id: &str) -> &str {
+/// The module name of a module id (see [`ModuleId::name`]), for ids read back from storage.
+pub fn module_name(id: &str) -> &str {
     let bytes = id.as_bytes();
     for (i, b) in bytes.iter().enumerate() {
         if *b == b'-' && bytes.get(i + 1).is_some_and(u8::is_ascii_digit) {

@@ -6,6 +6,7 @@
 pub mod audit;
 pub mod config;
 pub mod db;
+pub mod delivery;
 pub mod domain;
 pub mod error;
 pub mod event;
@@ -61,11 +62,21 @@ pub async fn run(
         config.audit.clone(),
         background.clone(),
     ));
+    let config = Arc::new(config);
+    if config.delivery.enabled {
+        let engine = delivery::Engine::new(
+            Arc::clone(&config),
+            Arc::clone(&kafka),
+            registry.clone(),
+            audit.clone(),
+        )?;
+        workers.spawn(Arc::new(engine).run(background.clone()));
+    }
     workers.close();
 
     let state = http::AppState {
         pool: pool.clone(),
-        config: Arc::new(config),
+        config,
         tasks: TaskTracker::new(),
         kafka: Arc::clone(&kafka),
         registry,

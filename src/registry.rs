@@ -7,7 +7,7 @@
 //! the others within milliseconds. When the listening connection drops, notifications may have
 //! been missed, so the whole view is reloaded after reconnecting, and once a minute anyway.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -24,8 +24,35 @@ const FULL_RELOAD_EVERY: Duration = Duration::from_secs(60);
 struct TenantView {
     /// event type → (publisher module id → activated)
     publishers: HashMap<String, HashMap<String, bool>>,
+    /// event type → subscribers with a callback
+    subscribers: HashMap<String, Vec<Subscriber>>,
     enabled: bool,
 }
+
+/// A subscriber registration the delivery engine pushes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscriber {
+    pub module_id: String,
+    pub callback: String,
+    /// Events published before this are not this subscriber's.
+    pub since: chrono::DateTime<chrono::Utc>,
+}
+
+impl Subscriber {
+    pub fn module_name(&self) -> &str {
+        crate::domain::module_name(&self.module_id)
+    }
+}
+
+type Row = (
+    String,
+    String,
+    ModuleRole,
+    String,
+    bool,
+    Option<String>,
+    chrono::DateTime<chrono::Utc>,
+);
 
 /// The publisher check's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,10 +62,51 @@ pub enum PublisherCheck {
     NotActivated,
 }
 
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct RegistryCache {
     tenants: Arc<RwLock<HashMap<String, Arc<TenantView>>>>,
+    /// Bumped after every reload; the delivery engine watches it.
+    version: Arc<tokio::sync::watch::Sender<u64>>,
 }
+
+impl Default for RegistryCache {
+    fn default() -> Self {
+        RegistryCache {
+            tenants: Arc::default(),
+            version: Arc::new(tokio::sync::watch::channel(0).0),
+        }
+    }
+}
+
+fn add_row(views: &mut HashMap<String, TenantView>, row: Row) {
+    let (tenant, event_type, role, module_id, activated, callback, created) = row;
+    let view = views.entry(tenant).or_default();
+    match role {
+        ModuleRole::Publisher => {
+            view.publishers
+                .entry(event_type)
+                .or_default()
+                .insert(module_id, activated);
+        }
+        ModuleRole::Subscriber => {
+            if let Some(callback) = callback.filter(|c| !c.is_empty()) {
+                if activated {
+                    view.subscribers
+                        .entry(event_type)
+                        .or_default()
+                        .push(Subscriber {
+                            module_id,
+                            callback,
+                            since: created,
+                        });
+                }
+            }
+        }
+    }
+}
+
+const ROW_COLUMNS: &str =
+    "tenant_id, event_type_id, role, module_id, activated, subscriber_callback, created_date";
 
 impl RegistryCache {
     /// Whether `module_id` (compared exactly, as the Java module does) is a registered publisher of
@@ -69,11 +137,10 @@ impl RegistryCache {
 
     /// Reloads one tenant.
     pub async fn reload_tenant(&self, pool: &PgPool, tenant: &str) -> sqlx::Result<()> {
-        let rows: Vec<(String, String, bool)> = sqlx::query_as(
-            "SELECT event_type_id, module_id, activated FROM pubsub_config.messaging_module WHERE tenant_id = $1 AND role = $2",
-        )
+        let rows: Vec<Row> = sqlx::query_as(&format!(
+            "SELECT {ROW_COLUMNS} FROM pubsub_config.messaging_module WHERE tenant_id = $1"
+        ))
         .bind(tenant)
-        .bind(ModuleRole::Publisher)
         .fetch_all(pool)
         .await?;
         let enabled: bool =
@@ -81,29 +148,31 @@ impl RegistryCache {
                 .bind(format!("{tenant}_mod_pubsub"))
                 .fetch_one(pool)
                 .await?;
-        let mut view = TenantView {
-            enabled,
-            ..Default::default()
-        };
-        for (event_type, module_id, activated) in rows {
-            view.publishers
-                .entry(event_type)
-                .or_default()
-                .insert(module_id, activated);
+        let mut views = HashMap::new();
+        views.insert(
+            tenant.to_owned(),
+            TenantView {
+                enabled,
+                ..Default::default()
+            },
+        );
+        for row in rows {
+            add_row(&mut views, row);
         }
+        let view = views.remove(tenant).unwrap_or_default();
         self.tenants
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(tenant.to_owned(), Arc::new(view));
+        self.version.send_modify(|v| *v += 1);
         Ok(())
     }
 
     /// Reloads everything.
     pub async fn reload_all(&self, pool: &PgPool) -> sqlx::Result<()> {
-        let rows: Vec<(String, String, String, bool)> = sqlx::query_as(
-            "SELECT tenant_id, event_type_id, module_id, activated FROM pubsub_config.messaging_module WHERE role = $1",
-        )
-        .bind(ModuleRole::Publisher)
+        let rows: Vec<Row> = sqlx::query_as(&format!(
+            "SELECT {ROW_COLUMNS} FROM pubsub_config.messaging_module"
+        ))
         .fetch_all(pool)
         .await?;
         let schemas: Vec<String> = sqlx::query_scalar(
@@ -111,26 +180,53 @@ impl RegistryCache {
         )
         .fetch_all(pool)
         .await?;
-        let enabled: HashSet<&str> = schemas
-            .iter()
-            .filter_map(|s| s.strip_suffix("_mod_pubsub"))
-            .collect();
         let mut views: HashMap<String, TenantView> = HashMap::new();
-        for t in &enabled {
-            views.entry((*t).to_owned()).or_default().enabled = true;
+        for t in schemas.iter().filter_map(|s| s.strip_suffix("_mod_pubsub")) {
+            views.entry(t.to_owned()).or_default().enabled = true;
         }
-        for (tenant, event_type, module_id, activated) in rows {
-            views
-                .entry(tenant)
-                .or_default()
-                .publishers
-                .entry(event_type)
-                .or_default()
-                .insert(module_id, activated);
+        for row in rows {
+            add_row(&mut views, row);
         }
         let fresh = views.into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
         *self.tenants.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        self.version.send_modify(|v| *v += 1);
         Ok(())
+    }
+
+    /// A receiver that changes after every reload.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+
+    /// Every (tenant, event type, subscriber) with a callback.
+    pub fn all_subscriptions(&self) -> Vec<(String, String, Subscriber)> {
+        let tenants = self.tenants.read().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::new();
+        for (tenant, view) in tenants.iter() {
+            for (event_type, subs) in &view.subscribers {
+                for s in subs {
+                    out.push((tenant.clone(), event_type.clone(), s.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    /// The subscriber of `module_name` for `event_type` in `tenant`, if any.
+    pub fn subscriber(
+        &self,
+        tenant: &str,
+        event_type: &str,
+        module_name: &str,
+    ) -> Option<Subscriber> {
+        let tenants = self.tenants.read().unwrap_or_else(|e| e.into_inner());
+        tenants
+            .get(tenant)?
+            .subscribers
+            .get(event_type)?
+            .iter()
+            .find(|s| s.module_name() == module_name)
+            .cloned()
     }
 
     /// Keeps the view current until `shutdown`: LISTEN on the channel, reload on notifications,

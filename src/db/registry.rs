@@ -133,10 +133,13 @@ pub struct Registration {
     pub subscriber_callback: Option<String>,
     pub module_id: String,
     pub activated: bool,
+    /// When the module first registered for this event type (kept across re-declarations);
+    /// `None` on insert means now. Delivery starts with events published from then on.
+    pub created_date: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 const REGISTRATION_COLUMNS: &str =
-    "id, event_type_id, tenant_id, role, subscriber_callback, module_id, activated";
+    "id, event_type_id, tenant_id, role, subscriber_callback, module_id, activated, created_date";
 
 pub async fn registrations_for(
     pool: &PgPool,
@@ -230,8 +233,8 @@ pub async fn insert_registration(
 ) -> sqlx::Result<()> {
     sqlx::query(
         "INSERT INTO pubsub_config.messaging_module \
-         (id, event_type_id, tenant_id, role, subscriber_callback, module_id, activated) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+         (id, event_type_id, tenant_id, role, subscriber_callback, module_id, activated, created_date) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, COALESCE($8, now()))",
     )
     .bind(r.id)
     .bind(&r.event_type_id)
@@ -240,6 +243,7 @@ pub async fn insert_registration(
     .bind(&r.subscriber_callback)
     .bind(&r.module_id)
     .bind(r.activated)
+    .bind(r.created_date)
     .execute(&mut **tx)
     .await?;
     Ok(())

@@ -64,6 +64,12 @@ pub struct AuditMessage {
     pub state: AuditState,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error_message: Option<String>,
+    /// Delivery rows: the subscriber module.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subscriber: Option<String>,
+    /// Delivery rows: the attempt, from 1.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<i32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -130,6 +136,8 @@ type Row = (
     DateTime<Utc>,
     String,
     Option<String>,
+    Option<String>,
+    Option<i32>,
 );
 
 /// The audit trail of this tenant between two dates (inclusive), oldest first.
@@ -179,7 +187,7 @@ async fn history(
     .fetch_one(&state.pool)
     .await?;
     let rows: Vec<Row> = sqlx::query_as(&format!(
-        "SELECT id, event_id, event_type, correlation_id, tenant_id, created_by, published_by, audit_date, state::text, error_message \
+        "SELECT id, event_id, event_type, correlation_id, tenant_id, created_by, published_by, audit_date, state::text, error_message, subscriber, attempt \
          FROM {schema}.audit_message WHERE {filter} ORDER BY audit_date, id OFFSET $6 LIMIT $7"
     ))
     .bind(start)
@@ -205,6 +213,8 @@ async fn history(
                 date,
                 state,
                 error_message,
+                subscriber,
+                attempt,
             )| {
                 AuditMessage {
                     id,
@@ -218,6 +228,8 @@ async fn history(
                     state: serde_json::from_value(serde_json::Value::String(state))
                         .unwrap_or(AuditState::Rejected),
                     error_message,
+                    subscriber,
+                    attempt,
                 }
             },
         )

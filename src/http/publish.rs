@@ -204,6 +204,8 @@ impl<'a> Auditor<'a> {
             state: AuditState::Created,
             error_message: None,
             audit_date: chrono::Utc::now(),
+            subscriber: None,
+            attempt: None,
         };
         Auditor { state, template }
     }

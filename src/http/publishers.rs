@@ -95,6 +95,10 @@ async fn declare_publisher(
             subscriber_callback: Some(String::new()),
             module_id: module.to_string(),
             activated: true,
+            created_date: replaced
+                .iter()
+                .find(|r| r.event_type_id == d.event_type)
+                .and_then(|r| r.created_date),
         };
         registry::insert_registration(&mut tx, &row).await?;
     }

@@ -101,7 +101,9 @@ pub(crate) async fn delete(
     registry::lock_module(&mut tx, tenant, role, &module).await?;
     let deleted =
         registry::delete_module_rows(&mut tx, tenant, role, &module, Some(event_type)).await?;
+    crate::registry::notify(&mut *tx, tenant).await?;
     tx.commit().await?;
+    registry_changed(state, tenant).await;
     tracing::info!(%tenant, role = role.as_str(), module = %module, event_type, deleted = deleted.len(), "registrations deleted");
     Ok(StatusCode::NO_CONTENT)
 }

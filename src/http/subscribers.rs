@@ -116,6 +116,10 @@ async fn declare_subscriber(
             subscriber_callback: Some(d.callback_address.clone()),
             module_id: module.to_string(),
             activated: true,
+            created_date: replaced
+                .iter()
+                .find(|r| r.event_type_id == d.event_type)
+                .and_then(|r| r.created_date),
         };
         registry::insert_registration(&mut tx, &row).await?;
     }

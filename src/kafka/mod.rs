@@ -57,6 +57,16 @@ impl Topics {
         ))
     }
 
+    /// The tenant's dead-letter topic, `{ENV}.{namespace}.{tenant or collection}.mod-pubsub.dead-letters`.
+    /// Its last part contains a `.`, so it is never an event type's topic.
+    pub fn dead_letters(&self, tenant: &TenantId) -> TopicName {
+        let qualifier = self.tenant_collection.as_deref().unwrap_or(tenant.as_str());
+        TopicName(format!(
+            "{}.{}.{}.mod-pubsub.dead-letters",
+            self.env, self.namespace, qualifier
+        ))
+    }
+
     /// A regular expression matching the topics of `event_type` in every tenant (as the
     /// wrapper's `formatSubscriptionPattern`, but for any tenant id this service accepts).
     pub fn all_tenants_pattern(&self, event_type: &EventType) -> String {

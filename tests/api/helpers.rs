@@ -112,6 +112,8 @@ pub fn test_env(db: &TestDb) -> HashMap<String, String> {
         ("SYSTEM_USER_PASSWORD", "test-pubsub-password".into()),
         ("MAX_REQUEST_SIZE", "65536".into()),
         ("AUDIT_RETENTION_DAYS", "0".into()),
+        // Delivery tests switch it on, with an Okapi of their own.
+        ("DELIVERY_ENABLED", "false".into()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))

@@ -487,6 +487,31 @@ async fn a_registration_on_one_instance_is_honoured_by_another_within_a_second()
         204
     );
     answers_within_a_second(&b, 400, "instance B still accepts").await;
+
+    // The same through DELETE …/publishers?moduleId=.
+    let d = descriptor("MULTI", "x", 1);
+    let r = a
+        .post_json(
+            "diku",
+            "/pubsub/event-types/declare/publisher",
+            &publisher("m-1.0.0", [d]),
+        )
+        .await;
+    assert_eq!(r.status(), 201);
+    answers_within_a_second(&b, 204, "instance B still refuses after re-registration").await;
+    let r = a
+        .delete(
+            "diku",
+            "/pubsub/event-types/MULTI/publishers?moduleId=m-1.0.0",
+        )
+        .await;
+    assert_eq!(r.status(), 204);
+    answers_within_a_second(
+        &b,
+        400,
+        "instance B still accepts after DELETE …/publishers",
+    )
+    .await;
 }
 
 #[tokio::test]

@@ -1,0 +1,361 @@
+//! The delivery engine: real broker, real service, a fake Okapi (an axum server in the test)
+//! that records what subscribers receive.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use serde_json::Value;
+
+use crate::helpers::*;
+use crate::kafka_util::read_records;
+use crate::publish::{event, new_id, register_publisher};
+
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub path: String,
+    pub headers: HashMap<String, String>,
+    pub body: String,
+}
+
+/// What a callback path answers: a status per attempt (the last one repeats).
+type Plan = HashMap<String, Vec<u16>>;
+
+#[derive(Clone, Default)]
+pub struct FakeOkapi {
+    pub received: Arc<Mutex<Vec<Received>>>,
+    plan: Arc<Mutex<Plan>>,
+    pub base: String,
+}
+
+impl FakeOkapi {
+    pub async fn start() -> FakeOkapi {
+        let mut fake = FakeOkapi::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        fake.base = format!("http://{}", listener.local_addr().unwrap());
+        let app = axum::Router::new()
+            .route("/{*path}", axum::routing::post(callback))
+            .with_state(fake.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        fake
+    }
+
+    /// `path` answers these statuses in turn, then the last one forever.
+    pub fn answer(&self, path: &str, statuses: &[u16]) {
+        self.plan
+            .lock()
+            .unwrap()
+            .insert(path.to_owned(), statuses.to_vec());
+    }
+
+    pub fn received_on(&self, path: &str) -> Vec<Received> {
+        self.received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.path == path)
+            .cloned()
+            .collect()
+    }
+
+    /// Waits until `path` got `count` requests (fails after `timeout`).
+    pub async fn wait_for(&self, path: &str, count: usize, timeout: Duration) -> Vec<Received> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got = self.received_on(path);
+            if got.len() >= count {
+                return got;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{path} received {} of {count}",
+                got.len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+async fn callback(
+    State(fake): State<FakeOkapi>,
+    Path(path): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> impl IntoResponse {
+    let path = format!("/{path}");
+    let attempt = {
+        let mut received = fake.received.lock().unwrap();
+        received.push(Received {
+            path: path.clone(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
+                .collect(),
+            body: String::from_utf8_lossy(&body).into_owned(),
+        });
+        received.iter().filter(|r| r.path == path).count()
+    };
+    let status = fake
+        .plan
+        .lock()
+        .unwrap()
+        .get(&path)
+        .map(|p| p[(attempt - 1).min(p.len() - 1)])
+        .unwrap_or(204);
+    StatusCode::from_u16(status).unwrap()
+}
+
+async fn delivering_app(fake: &FakeOkapi, schedule: &str) -> TestApp {
+    let db = TestDb::create().await;
+    let (base, schedule) = (fake.base.clone(), schedule.to_owned());
+    TestApp::spawn_on(db, move |e| {
+        e.insert("DELIVERY_ENABLED".into(), "true".into());
+        e.insert("OKAPI_URL".into(), base);
+        e.insert("DELIVERY_RETRY_SCHEDULE".into(), schedule);
+        e.insert("DELIVERY_TIMEOUT_MS".into(), "2000".into());
+    })
+    .await
+}
+
+async fn subscribe(app: &TestApp, module: &str, event_type: &str, callback: &str) {
+    let r = app
+        .post_json(
+            "diku",
+            "/pubsub/event-types/declare/subscriber",
+            &subscriber(module, &[(event_type, callback)]),
+        )
+        .await;
+    assert_eq!(r.status(), 201);
+}
+
+async fn publish(app: &TestApp, event_type: &str, payload: &str) -> String {
+    let id = new_id();
+    let r = app
+        .post_json(
+            "diku",
+            "/pubsub/publish",
+            &event(&id, event_type, "diku", "mod-pub-1.0.0", payload),
+        )
+        .await;
+    assert_eq!(r.status(), 204);
+    id
+}
+
+fn states(rows: &[Value], subscriber: &str) -> Vec<(String, Option<i64>)> {
+    rows.iter()
+        .filter(|r| r["subscriber"] == subscriber)
+        .map(|r| {
+            (
+                r["state"].as_str().unwrap().to_owned(),
+                r["attempt"].as_i64(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn events_are_posted_to_the_callback_with_payload_and_headers() {
+    let fake = FakeOkapi::start().await;
+    let app = delivering_app(&fake, "100ms").await;
+    register_publisher(&app, "diku", "LOAN_CLOSED", "mod-pub-1.0.0").await;
+    subscribe(
+        &app,
+        "mod-patron-blocks-1.0.0",
+        "LOAN_CLOSED",
+        "/automated-patron-blocks/handlers/loan-closed",
+    )
+    .await;
+
+    let payload = r#"{"loanId":"l-1"}"#;
+    let id = publish(&app, "LOAN_CLOSED", payload).await;
+    let got = fake
+        .wait_for(
+            "/automated-patron-blocks/handlers/loan-closed",
+            1,
+            Duration::from_secs(20),
+        )
+        .await;
+    let r = &got[0];
+    assert_eq!(r.body, payload, "the payload is the body");
+    assert_eq!(r.headers["x-okapi-tenant"], "diku");
+    assert_eq!(r.headers["x-okapi-url"], fake.base);
+    assert_eq!(r.headers["content-type"], "application/json");
+    assert_eq!(r.headers["x-pubsub-event-id"], id);
+    assert_eq!(r.headers["x-pubsub-event-type"], "LOAN_CLOSED");
+    assert_eq!(r.headers["x-pubsub-delivery-attempt"], "1");
+    assert!(!r.headers["x-okapi-request-id"].is_empty());
+
+    let rows = app.audit_of("diku", &id, 4).await;
+    assert_eq!(
+        states(&rows, "mod-patron-blocks-1.0.0"),
+        [
+            ("RECEIVED".to_owned(), None),
+            ("DELIVERED".to_owned(), Some(1))
+        ]
+    );
+}
+
+#[tokio::test]
+async fn failures_are_retried_until_delivered() {
+    let fake = FakeOkapi::start().await;
+    fake.answer("/retry", &[500, 503, 200]);
+    let app = delivering_app(&fake, "100ms,100ms,100ms").await;
+    register_publisher(&app, "diku", "RETRIED", "mod-pub-1.0.0").await;
+    subscribe(&app, "mod-sub-1.0.0", "RETRIED", "/retry").await;
+    let id = publish(&app, "RETRIED", "{}").await;
+    let got = fake.wait_for("/retry", 3, Duration::from_secs(20)).await;
+    let attempts: Vec<&str> = got
+        .iter()
+        .map(|r| r.headers["x-pubsub-delivery-attempt"].as_str())
+        .collect();
+    assert_eq!(attempts, ["1", "2", "3"]);
+    let rows = app.audit_of("diku", &id, 6).await;
+    assert_eq!(
+        states(&rows, "mod-sub-1.0.0"),
+        [
+            ("RECEIVED".to_owned(), None),
+            ("REJECTED".to_owned(), Some(1)),
+            ("REJECTED".to_owned(), Some(2)),
+            ("DELIVERED".to_owned(), Some(3))
+        ]
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        fake.received_on("/retry").len(),
+        3,
+        "no delivery after success"
+    );
+}
+
+#[tokio::test]
+async fn exhausted_events_go_to_the_dead_letter_topic_and_the_next_event_follows() {
+    let fake = FakeOkapi::start().await;
+    fake.answer("/down", &[500, 500, 500, 204]);
+    let app = delivering_app(&fake, "50ms,50ms").await;
+    register_publisher(&app, "diku", "DOOMED", "mod-pub-1.0.0").await;
+    subscribe(&app, "mod-sub-1.0.0", "DOOMED", "/down").await;
+    let first = publish(&app, "DOOMED", r#"{"n":1}"#).await;
+    let second = publish(&app, "DOOMED", r#"{"n":2}"#).await;
+
+    // Three attempts for the first, then the second is delivered.
+    let got = fake.wait_for("/down", 4, Duration::from_secs(20)).await;
+    assert!(got[..3]
+        .iter()
+        .all(|r| r.headers["x-pubsub-event-id"] == first));
+    assert_eq!(got[3].headers["x-pubsub-event-id"], second);
+
+    let (bootstrap, topic) = (
+        app.bootstrap(),
+        format!("{}.Default.diku.mod-pubsub.dead-letters", app.env["ENV"]),
+    );
+    let dead = tokio::task::spawn_blocking(move || {
+        read_records(&bootstrap, &topic, 1, Duration::from_secs(20))
+    })
+    .await
+    .unwrap();
+    assert_eq!(dead[0].value["id"], first.as_str());
+    assert_eq!(dead[0].headers["pubsub.subscriber"], "mod-sub-1.0.0");
+    assert_eq!(dead[0].headers["pubsub.attempts"], "3");
+    assert!(
+        dead[0].headers["pubsub.reason"].contains("500"),
+        "{:?}",
+        dead[0].headers
+    );
+    assert_eq!(dead[0].headers["folio.tenantId"], "diku");
+
+    let rows = app.audit_of("diku", &first, 6).await;
+    let last = rows
+        .iter()
+        .rev()
+        .find(|r| r["subscriber"] == "mod-sub-1.0.0")
+        .unwrap();
+    assert_eq!(last["state"], "REJECTED");
+    assert!(
+        last["errorMessage"]
+            .as_str()
+            .unwrap()
+            .starts_with("dead-lettered: "),
+        "{last}"
+    );
+}
+
+#[tokio::test]
+async fn a_failing_subscriber_does_not_hold_up_another() {
+    let fake = FakeOkapi::start().await;
+    fake.answer("/broken", &[500]);
+    let app = delivering_app(&fake, "1s,1s,1s,1s,1s,1s,1s,1s,1s,1s").await;
+    register_publisher(&app, "diku", "SHARED", "mod-pub-1.0.0").await;
+    subscribe(&app, "mod-broken-1.0.0", "SHARED", "/broken").await;
+    subscribe(&app, "mod-healthy-1.0.0", "SHARED", "/healthy").await;
+    for i in 0..20 {
+        publish(&app, "SHARED", &format!(r#"{{"n":{i}}}"#)).await;
+    }
+    let got = fake.wait_for("/healthy", 20, Duration::from_secs(20)).await;
+    let bodies: Vec<&str> = got.iter().map(|r| r.body.as_str()).collect();
+    let expected: Vec<String> = (0..20).map(|i| format!(r#"{{"n":{i}}}"#)).collect();
+    assert_eq!(bodies, expected, "in order, each once");
+    // Meanwhile the broken one is still retrying its first event.
+    let broken = fake.received_on("/broken");
+    assert!(
+        broken.iter().all(|r| r.body == r#"{"n":0}"#),
+        "the broken subscriber keeps its order"
+    );
+}
+
+#[tokio::test]
+async fn delivery_resumes_after_a_restart_and_stops_after_unsubscribing() {
+    let fake = FakeOkapi::start().await;
+    let app = delivering_app(&fake, "100ms").await;
+    register_publisher(&app, "diku", "DURABLE", "mod-pub-1.0.0").await;
+    // Published before anyone subscribed: not delivered.
+    publish(&app, "DURABLE", r#"{"early":true}"#).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    subscribe(&app, "mod-sub-1.0.0", "DURABLE", "/durable").await;
+    let mut sent = Vec::new();
+    for _ in 0..5 {
+        sent.push(publish(&app, "DURABLE", "{}").await);
+    }
+    fake.wait_for("/durable", 5, Duration::from_secs(20)).await;
+
+    // A new instance on the same database picks the subscription up from Postgres and goes on
+    // from the committed position.
+    let second = app.another_instance().await;
+    app.stop().await;
+    for _ in 0..5 {
+        sent.push(publish(&second, "DURABLE", "{}").await);
+    }
+    let got = fake.wait_for("/durable", 10, Duration::from_secs(30)).await;
+    let mut ids: Vec<String> = got
+        .iter()
+        .map(|r| r.headers["x-pubsub-event-id"].clone())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    let mut want = sent.clone();
+    want.sort();
+    assert_eq!(
+        ids, want,
+        "every event, nothing published before the subscription"
+    );
+
+    // Unsubscribing stops delivery.
+    let r = second
+        .delete(
+            "diku",
+            "/pubsub/event-types/DURABLE/subscribers?moduleId=mod-sub-1.0.0",
+        )
+        .await;
+    assert_eq!(r.status(), 204);
+    let late = publish(&second, "DURABLE", "{}").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        fake.received_on("/durable")
+            .iter()
+            .all(|r| r.headers["x-pubsub-event-id"] != late),
+        "an event published after unsubscribing was delivered"
+    );
+}
