@@ -49,6 +49,7 @@ pub struct Engine {
     pub registry: RegistryCache,
     pub audit: AuditWriter,
     pub http: reqwest::Client,
+    pub tokens: Arc<crate::system_user::Tokens>,
 }
 
 impl Engine {
@@ -57,6 +58,7 @@ impl Engine {
         kafka: Arc<Kafka>,
         registry: RegistryCache,
         audit: AuditWriter,
+        tokens: Arc<crate::system_user::Tokens>,
     ) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder()
             .connect_timeout(config.delivery.connect_timeout)
@@ -64,6 +66,7 @@ impl Engine {
             .pool_idle_timeout(Duration::from_secs(90))
             .build()?;
         Ok(Engine {
+            tokens,
             config,
             kafka,
             registry,
@@ -364,20 +367,44 @@ impl Engine {
             .event_payload
             .clone()
             .unwrap_or_else(|| "null".to_owned());
-        let sent = self
-            .http
-            .post(&url)
-            .header("Content-Type", "application/json")
-            .header("Accept", "application/json, text/plain")
-            .header("X-Okapi-Tenant", tenant.as_str())
-            .header("X-Okapi-Url", base)
-            .header("X-Okapi-Request-Id", request_id)
-            .header("X-Pubsub-Event-Id", event.id.0.to_string())
-            .header("X-Pubsub-Event-Type", &event.event_type)
-            .header("X-Pubsub-Delivery-Attempt", attempt.to_string())
-            .body(body)
-            .send()
-            .await;
+        // A 401 means the cached token is no good: log in again, once, and retry at once.
+        let mut relogged = false;
+        let sent = loop {
+            let token = self.tokens.token(tenant).await.map_err(|e| Failure {
+                message: format!(
+                    "{} event with id '{}' was not delivered to {}: {e}",
+                    event.event_type, event.id.0, sub.callback
+                ),
+                retry_after: None,
+            })?;
+            let mut request = self
+                .http
+                .post(&url)
+                .header("Content-Type", "application/json")
+                .header("Accept", "application/json, text/plain")
+                .header("X-Okapi-Tenant", tenant.as_str())
+                .header("X-Okapi-Url", base)
+                .header("X-Okapi-Request-Id", &request_id)
+                .header("X-Pubsub-Event-Id", event.id.0.to_string())
+                .header("X-Pubsub-Event-Type", &event.event_type)
+                .header("X-Pubsub-Delivery-Attempt", attempt.to_string())
+                .body(body.clone());
+            if let Some(t) = &token {
+                request = request.header("X-Okapi-Token", t);
+            }
+            let sent = request.send().await;
+            match &sent {
+                Ok(r)
+                    if r.status() == reqwest::StatusCode::UNAUTHORIZED
+                        && token.is_some()
+                        && !relogged =>
+                {
+                    self.tokens.invalidate(tenant);
+                    relogged = true;
+                }
+                _ => break sent,
+            }
+        };
         match sent {
             Ok(r) if r.status().is_success() => Ok(()),
             Ok(r) => {

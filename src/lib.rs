@@ -13,6 +13,7 @@ pub mod event;
 pub mod http;
 pub mod kafka;
 pub mod registry;
+pub mod system_user;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -63,12 +64,23 @@ pub async fn run(
         background.clone(),
     ));
     let config = Arc::new(config);
+    // Calls to Okapi (system user, logins) are bounded like deliveries.
+    let okapi_http = reqwest::Client::builder()
+        .connect_timeout(config.delivery.connect_timeout)
+        .timeout(config.delivery.timeout)
+        .build()?;
+    let tokens = Arc::new(system_user::Tokens::new(
+        config.system_user.clone(),
+        config.okapi_url.as_str(),
+        okapi_http.clone(),
+    ));
     if config.delivery.enabled {
         let engine = delivery::Engine::new(
             Arc::clone(&config),
             Arc::clone(&kafka),
             registry.clone(),
             audit.clone(),
+            Arc::clone(&tokens),
         )?;
         workers.spawn(Arc::new(engine).run(background.clone()));
     }
@@ -81,6 +93,8 @@ pub async fn run(
         kafka: Arc::clone(&kafka),
         registry,
         audit,
+        okapi_http,
+        tokens,
     };
     let tasks = state.tasks.clone();
     tracing::info!(addr = %listener.local_addr()?, "mod-pubsub listening");

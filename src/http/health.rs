@@ -32,7 +32,17 @@ async fn health(State(state): State<AppState>) -> impl IntoResponse {
     };
     let text = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
     match problem {
-        None => (StatusCode::OK, text, "OK".to_owned()),
+        None => {
+            // Deliveries of these tenants wait for their system user (retried with backoff).
+            let failures = state.tokens.failures();
+            let mut body = "OK".to_owned();
+            for (tenant, reason) in failures {
+                body.push_str(&format!(
+                    "\nsystem user login failing for tenant {tenant}: {reason}"
+                ));
+            }
+            (StatusCode::OK, text, body)
+        }
         Some(reason) => {
             tracing::warn!(%reason, "health check failed");
             (StatusCode::SERVICE_UNAVAILABLE, text, reason)

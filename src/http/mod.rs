@@ -38,6 +38,9 @@ pub struct AppState {
     pub kafka: Arc<crate::kafka::Kafka>,
     pub registry: crate::registry::RegistryCache,
     pub audit: crate::audit::AuditWriter,
+    /// HTTP client for calls to Okapi (system user provisioning).
+    pub okapi_http: reqwest::Client,
+    pub tokens: Arc<crate::system_user::Tokens>,
 }
 
 #[derive(OpenApi)]

@@ -84,6 +84,7 @@ impl From<db::jobs::JobRow> for TenantJob {
 async fn post_tenant(
     Tenant(tenant): Tenant,
     State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
     FolioJson(attrs): FolioJson<TenantAttributes>,
 ) -> AppResult<Response> {
     if attrs.purge == Some(true) {
@@ -100,11 +101,22 @@ async fn post_tenant(
     let attributes = serde_json::to_value(&attrs).map_err(anyhow::Error::from)?;
     db::jobs::insert(&state.pool, id, &tenant, &attributes).await?;
     tracing::info!(%tenant, job = %id, module_from = ?attrs.module_from, module_to = ?attrs.module_to, "tenant init job started");
+    let okapi = OkapiHeaders {
+        url: headers
+            .get("x-okapi-url")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .unwrap_or_else(|| state.config.okapi_url.as_str().to_owned()),
+        token: headers
+            .get("x-okapi-token")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+    };
     let job_state = state.clone();
     let job_tenant = tenant.clone();
     state
         .tasks
-        .spawn(async move { run_job(job_state, job_tenant, id).await });
+        .spawn(async move { run_job(job_state, job_tenant, id, okapi).await });
     let body = TenantJob {
         id,
         tenant: tenant.to_string(),
@@ -122,7 +134,13 @@ async fn post_tenant(
 }
 
 /// The work of an install/upgrade job; its outcome is recorded in the job row.
-async fn run_job(state: AppState, tenant: TenantId, id: Uuid) {
+/// Where the `_tenant` request says Okapi is, and its token (kept only for the job).
+struct OkapiHeaders {
+    url: String,
+    token: Option<String>,
+}
+
+async fn run_job(state: AppState, tenant: TenantId, id: Uuid, okapi: OkapiHeaders) {
     let mut outcome = db::tenants::migrate(&state.config.db, &tenant).await;
     if outcome.is_ok() {
         // Every instance learns that the tenant is enabled.
@@ -131,7 +149,7 @@ async fn run_job(state: AppState, tenant: TenantId, id: Uuid) {
             .map_err(anyhow::Error::from);
         super::registrations::registry_changed(&state, &tenant).await;
     }
-    let (error, messages) = match outcome {
+    let (mut error, mut messages) = match outcome {
         Ok(()) => (
             None,
             vec![format!("schema {} is up to date", tenant.schema_name())],
@@ -147,6 +165,24 @@ async fn run_job(state: AppState, tenant: TenantId, id: Uuid) {
             )
         }
     };
+    if error.is_none() && state.config.system_user.create {
+        let call = crate::system_user::OkapiCall {
+            http: &state.okapi_http,
+            url: &okapi.url,
+            tenant: &tenant,
+            token: okapi.token.as_deref(),
+        };
+        match crate::system_user::provision(&call, &state.config.system_user).await {
+            Ok(()) => messages.push(format!(
+                "system user {} is ready",
+                state.config.system_user.name
+            )),
+            Err(e) => {
+                tracing::error!(%tenant, job = %id, error = %e, "system user provisioning failed");
+                error = Some(e);
+            }
+        }
+    }
     // The job row must be completed or Okapi polls forever: retry while the database is away.
     let mut delay = Duration::from_millis(100);
     for attempt in 1..=20 {

@@ -17,18 +17,24 @@ use crate::publish::{event, new_id, register_publisher};
 
 #[derive(Debug, Clone)]
 pub struct Received {
+    pub method: String,
     pub path: String,
     pub headers: HashMap<String, String>,
     pub body: String,
 }
 
-/// What a callback path answers: a status per attempt (the last one repeats).
+/// What a path answers: a status per call (the last one repeats).
 type Plan = HashMap<String, Vec<u16>>;
 
+/// A fake Okapi: subscriber callbacks (any other POST), and the mod-users, mod-login and
+/// mod-permissions calls of the system user. Records every request.
 #[derive(Clone, Default)]
 pub struct FakeOkapi {
     pub received: Arc<Mutex<Vec<Received>>>,
     plan: Arc<Mutex<Plan>>,
+    /// Bodies returned by GET /users and GET /perms/users/… (else empty / 404).
+    pub users: Arc<Mutex<Option<Value>>>,
+    pub perms: Arc<Mutex<Option<Value>>>,
     pub base: String,
 }
 
@@ -38,7 +44,7 @@ impl FakeOkapi {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         fake.base = format!("http://{}", listener.local_addr().unwrap());
         let app = axum::Router::new()
-            .route("/{*path}", axum::routing::post(callback))
+            .route("/{*path}", axum::routing::any(okapi))
             .with_state(fake.clone());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         fake
@@ -62,6 +68,16 @@ impl FakeOkapi {
             .collect()
     }
 
+    /// `METHOD path` of every request, in order.
+    pub fn calls(&self) -> Vec<String> {
+        self.received
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| format!("{} {}", r.method, r.path))
+            .collect()
+    }
+
     /// Waits until `path` got `count` requests (fails after `timeout`).
     pub async fn wait_for(&self, path: &str, count: usize, timeout: Duration) -> Vec<Received> {
         let deadline = Instant::now() + timeout;
@@ -80,16 +96,18 @@ impl FakeOkapi {
     }
 }
 
-async fn callback(
+async fn okapi(
     State(fake): State<FakeOkapi>,
+    method: axum::http::Method,
     Path(path): Path<String>,
     headers: HeaderMap,
     body: Bytes,
-) -> impl IntoResponse {
+) -> axum::response::Response {
     let path = format!("/{path}");
-    let attempt = {
+    let nth = {
         let mut received = fake.received.lock().unwrap();
         received.push(Received {
+            method: method.to_string(),
             path: path.clone(),
             headers: headers
                 .iter()
@@ -99,14 +117,46 @@ async fn callback(
         });
         received.iter().filter(|r| r.path == path).count()
     };
-    let status = fake
+    let planned = fake
         .plan
         .lock()
         .unwrap()
         .get(&path)
-        .map(|p| p[(attempt - 1).min(p.len() - 1)])
-        .unwrap_or(204);
-    StatusCode::from_u16(status).unwrap()
+        .map(|p| p[(nth - 1).min(p.len() - 1)]);
+    let status = |default: u16| StatusCode::from_u16(planned.unwrap_or(default)).unwrap();
+    match (method.as_str(), path.as_str()) {
+        ("POST", "/authn/login-with-expiry") => (
+            status(201),
+            [
+                (
+                    "set-cookie",
+                    format!("folioAccessToken=token-{nth}; Max-Age=600; Path=/; HttpOnly"),
+                ),
+                ("content-type", "application/json".to_owned()),
+            ],
+            "{}",
+        )
+            .into_response(),
+        ("GET", "/users") => {
+            let users = fake
+                .users
+                .lock()
+                .unwrap()
+                .clone()
+                .unwrap_or(serde_json::json!({"users": [], "totalRecords": 0}));
+            (status(200), axum::Json(users)).into_response()
+        }
+        ("POST", "/users") | ("POST", "/authn/credentials") | ("POST", "/perms/users") => {
+            status(201).into_response()
+        }
+        ("PUT", p) if p.starts_with("/users/") => status(204).into_response(),
+        ("PUT", p) if p.starts_with("/perms/users/") => status(200).into_response(),
+        ("GET", p) if p.starts_with("/perms/users/") => match fake.perms.lock().unwrap().clone() {
+            Some(perms) => (status(200), axum::Json(perms)).into_response(),
+            None => (status(404), "Not found").into_response(),
+        },
+        _ => status(204).into_response(),
+    }
 }
 
 async fn delivering_app(fake: &FakeOkapi, schedule: &str) -> TestApp {

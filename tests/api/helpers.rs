@@ -114,6 +114,8 @@ pub fn test_env(db: &TestDb) -> HashMap<String, String> {
         ("AUDIT_RETENTION_DAYS", "0".into()),
         // Delivery tests switch it on, with an Okapi of their own.
         ("DELIVERY_ENABLED", "false".into()),
+        // System-user tests switch it on, with an Okapi of their own.
+        ("SYSTEM_USER_CREATE", "false".into()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))

@@ -16,4 +16,5 @@ mod openapi;
 mod publish;
 mod publishers;
 mod subscribers;
+mod system_user;
 mod tenant_api;

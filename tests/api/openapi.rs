@@ -69,6 +69,14 @@ fn module_descriptor_handlers_and_routes_match() {
             );
         }
     }
+    // The system user's permissions are the ones the service grants it.
+    let md_user: Vec<&str> = md["metadata"]["user"]["permissions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    assert_eq!(md_user, mod_pubsub::system_user::PERMISSIONS);
     // Every handler needs a declared permission.
     let declared: BTreeSet<String> = md["permissionSets"]
         .as_array()

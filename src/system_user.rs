@@ -1,0 +1,357 @@
+//! The per-tenant system user that deliveries authenticate as (behaviour spec §3.7).
+//!
+//! * At tenant init (unless `SYSTEM_USER_CREATE=false`) the user is created or repaired through
+//!   Okapi with the `_tenant` request's `X-Okapi-Url` and token: mod-users, mod-login and
+//!   mod-permissions calls in the Java module's order. Unlike the Java module, an existing user
+//!   is re-activated and given `type: system`, and permissions are compared as a set.
+//! * Deliveries log in with `POST /authn/login-with-expiry` and cache the access token per
+//!   tenant until shortly before it expires; a 401 from a subscriber drops the cached token so
+//!   the next attempt logs in again. Tokens are never logged.
+//! * The last login failure per tenant is kept for `/admin/health`.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use secrecy::ExposeSecret;
+use serde_json::{json, Value};
+
+use crate::config::SystemUserConfig;
+use crate::domain::TenantId;
+
+/// The system user's permissions (the Java module's `pubsub-user-permissions.csv`; also
+/// `metadata.user.permissions` in the ModuleDescriptor).
+pub const PERMISSIONS: [&str; 13] = [
+    "pubsub.events.post",
+    "audit.pub-sub-handlers.log-record-event.post",
+    "remote-storage.pub-sub-handlers.log-record-event.post",
+    "circulation.handlers.loan-related-fee-fine-closed.post",
+    "circulation.handlers.fee-fine-balance-changed.post",
+    "patron-blocks.handlers.fee-fine-balance-changed.post",
+    "patron-blocks.handlers.item-checked-out.post",
+    "patron-blocks.handlers.item-checked-in.post",
+    "patron-blocks.handlers.item-declared-lost.post",
+    "patron-blocks.handlers.item-aged-to-lost.post",
+    "patron-blocks.handlers.item-claimed-returned.post",
+    "patron-blocks.handlers.loan-due-date-changed.post",
+    "patron-blocks.handlers.loan-closed.post",
+];
+
+/// A token without `Max-Age` is kept this long.
+const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
+
+/// Okapi as the `_tenant` request reached us.
+pub struct OkapiCall<'a> {
+    pub http: &'a reqwest::Client,
+    pub url: &'a str,
+    pub tenant: &'a TenantId,
+    pub token: Option<&'a str>,
+}
+
+impl OkapiCall<'_> {
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let mut r = self
+            .http
+            .request(method, format!("{}{path}", self.url.trim_end_matches('/')))
+            .header("X-Okapi-Tenant", self.tenant.as_str())
+            .header("X-Okapi-Url", self.url)
+            .header("Accept", "application/json, text/plain");
+        if let Some(t) = self.token {
+            r = r.header("X-Okapi-Token", t);
+        }
+        r
+    }
+
+    async fn send(&self, r: reqwest::RequestBuilder) -> Result<(StatusCode, String), String> {
+        let resp = r
+            .send()
+            .await
+            .map_err(|e| format!("Okapi did not answer: {e}"))?;
+        let status = resp.status();
+        Ok((status, resp.text().await.unwrap_or_default()))
+    }
+}
+
+/// Creates or repairs the system user of a tenant; the error is the job's error message.
+pub async fn provision(okapi: &OkapiCall<'_>, cfg: &SystemUserConfig) -> Result<(), String> {
+    let name = &cfg.name;
+    let query = format!("username==\"{}\"", cql_escape(name));
+    let url = format!("/users?query={}", utf8_percent(&query));
+    let (status, body) = okapi
+        .send(okapi.request(reqwest::Method::GET, &url))
+        .await?;
+    let existing: Option<Value> = (status == StatusCode::OK)
+        .then(|| serde_json::from_str::<Value>(&body).ok())
+        .flatten()
+        .and_then(|v| v["users"].as_array().and_then(|u| u.first().cloned()));
+
+    let user_id = match existing {
+        Some(mut user) => {
+            let id = user["id"].as_str().unwrap_or_default().to_owned();
+            let blank_last_name = user["personal"]["lastName"]
+                .as_str()
+                .is_none_or(|s| s.trim().is_empty());
+            let inactive = user["active"] != Value::Bool(true);
+            let not_system = user["type"] != "system";
+            if blank_last_name || inactive || not_system {
+                if blank_last_name {
+                    user["personal"] = json!({"lastName": "System"});
+                }
+                user["active"] = json!(true);
+                user["type"] = json!("system");
+                let (status, body) = okapi
+                    .send(
+                        okapi
+                            .request(reqwest::Method::PUT, &format!("/users/{id}"))
+                            .json(&user),
+                    )
+                    .await?;
+                if status != StatusCode::NO_CONTENT {
+                    return Err(format!("Unable to update the {name} user: {body}"));
+                }
+            }
+            id
+        }
+        None => {
+            let id = uuid::Uuid::new_v4().to_string();
+            let user = json!({"id": id, "username": name, "active": true, "type": "system", "personal": {"lastName": "System"}});
+            let (status, _) = okapi
+                .send(okapi.request(reqwest::Method::POST, "/users").json(&user))
+                .await?;
+            if status != StatusCode::CREATED {
+                return Err(format!(
+                    "Failed to create {name} user. Received status code {}",
+                    status.as_u16()
+                ));
+            }
+            let credentials =
+                json!({"username": name, "password": cfg.password.expose_secret(), "userId": id});
+            let (status, _) = okapi
+                .send(
+                    okapi
+                        .request(reqwest::Method::POST, "/authn/credentials")
+                        .json(&credentials),
+                )
+                .await?;
+            if status != StatusCode::CREATED {
+                return Err(format!(
+                    "Failed to save {name} user credentials. Received status code {}",
+                    status.as_u16()
+                ));
+            }
+            id
+        }
+    };
+
+    let wanted: Vec<&str> = PERMISSIONS.to_vec();
+    let list = wanted.join(", ");
+    let (status, body) = okapi
+        .send(okapi.request(
+            reqwest::Method::GET,
+            &format!("/perms/users/{user_id}?indexField=userId"),
+        ))
+        .await?;
+    match status {
+        StatusCode::OK => {
+            let mut perm_user: Value = serde_json::from_str(&body)
+                .map_err(|e| format!("Unreadable permissions of {name}: {e}"))?;
+            let have: BTreeSet<&str> = perm_user["permissions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            if wanted.iter().all(|p| have.contains(p)) {
+                return Ok(());
+            }
+            let mut merged: BTreeSet<String> = have.iter().map(|s| s.to_string()).collect();
+            merged.extend(wanted.iter().map(|s| s.to_string()));
+            perm_user["permissions"] = json!(merged);
+            let id = perm_user["id"].as_str().unwrap_or_default().to_owned();
+            let (status, body) = okapi
+                .send(
+                    okapi
+                        .request(reqwest::Method::PUT, &format!("/perms/users/{id}"))
+                        .json(&perm_user),
+                )
+                .await?;
+            if status != StatusCode::OK {
+                return Err(format!(
+                    "Failed to update permissions {list} for {name} user. Received status code {}: {body}",
+                    status.as_u16()
+                ));
+            }
+        }
+        StatusCode::NOT_FOUND => {
+            let perm_user = json!({"id": uuid::Uuid::new_v4().to_string(), "userId": user_id, "permissions": wanted});
+            let (status, body) = okapi
+                .send(
+                    okapi
+                        .request(reqwest::Method::POST, "/perms/users")
+                        .json(&perm_user),
+                )
+                .await?;
+            if status != StatusCode::CREATED {
+                return Err(format!(
+                    "Failed to add permissions {list} for {name} user. Received status code {}: {body}",
+                    status.as_u16()
+                ));
+            }
+        }
+        other => {
+            return Err(format!(
+                "Failed to get permissions for {name} user. Received status code {}: {body}",
+                other.as_u16()
+            ))
+        }
+    }
+    Ok(())
+}
+
+/// CQL string escaping: backslash and double quote.
+fn cql_escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"")
+}
+
+fn utf8_percent(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes())
+        .collect::<String>()
+        .replace('+', "%20")
+}
+
+/// Per-tenant access tokens of the system user.
+pub struct Tokens {
+    cfg: SystemUserConfig,
+    okapi_url: String,
+    http: reqwest::Client,
+    cache: Mutex<HashMap<String, (String, Instant)>>,
+    failures: Mutex<HashMap<String, String>>,
+}
+
+impl Tokens {
+    pub fn new(cfg: SystemUserConfig, okapi_url: &str, http: reqwest::Client) -> Self {
+        Tokens {
+            cfg,
+            okapi_url: okapi_url.trim_end_matches('/').to_owned(),
+            http,
+            cache: Mutex::default(),
+            failures: Mutex::default(),
+        }
+    }
+
+    /// The token to send, `None` when the system user is disabled (`SYSTEM_USER_CREATE=false`).
+    pub async fn token(&self, tenant: &TenantId) -> Result<Option<String>, String> {
+        if !self.cfg.create {
+            return Ok(None);
+        }
+        if let Some((token, until)) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(tenant.as_str())
+        {
+            if Instant::now() < *until {
+                return Ok(Some(token.clone()));
+            }
+        }
+        match self.login(tenant).await {
+            Ok((token, lifetime)) => {
+                // Renew at 80 % of the lifetime, before Okapi would refuse it.
+                let until = Instant::now() + lifetime.mul_f64(0.8);
+                self.cache
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(tenant.to_string(), (token.clone(), until));
+                self.failures
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(tenant.as_str());
+                Ok(Some(token))
+            }
+            Err(e) => {
+                tracing::warn!(%tenant, user = %self.cfg.name, error = %e, "system user login failed");
+                self.failures
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(tenant.to_string(), e.clone());
+                Err(e)
+            }
+        }
+    }
+
+    /// Forgets the tenant's token (a subscriber answered 401).
+    pub fn invalidate(&self, tenant: &TenantId) {
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(tenant.as_str());
+    }
+
+    /// Tenants whose last login failed, with the reason.
+    pub fn failures(&self) -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = self
+            .failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    async fn login(&self, tenant: &TenantId) -> Result<(String, Duration), String> {
+        let name = &self.cfg.name;
+        let resp = self
+            .http
+            .post(format!("{}/authn/login-with-expiry", self.okapi_url))
+            .header("X-Okapi-Tenant", tenant.as_str())
+            .header("X-Okapi-Url", &self.okapi_url)
+            .json(&json!({"username": name, "password": self.cfg.password.expose_secret()}))
+            .send()
+            .await
+            .map_err(|e| format!("{name} user was not logged in: {e}"))?;
+        if resp.status() != StatusCode::CREATED {
+            return Err(format!(
+                "{name} user was not logged in, received status {}",
+                resp.status().as_u16()
+            ));
+        }
+        for cookie in resp.headers().get_all(reqwest::header::SET_COOKIE) {
+            let Ok(cookie) = cookie.to_str() else {
+                continue;
+            };
+            let mut parts = cookie.split(';').map(str::trim);
+            let Some((key, value)) = parts.next().and_then(|kv| kv.split_once('=')) else {
+                continue;
+            };
+            if key != "folioAccessToken" {
+                continue;
+            }
+            let max_age = parts
+                .filter_map(|p| p.split_once('='))
+                .find(|(k, _)| k.eq_ignore_ascii_case("max-age"))
+                .and_then(|(_, v)| v.parse::<u64>().ok())
+                .filter(|s| *s > 0)
+                .map(Duration::from_secs)
+                .unwrap_or(DEFAULT_TOKEN_LIFETIME);
+            return Ok((value.to_owned(), max_age));
+        }
+        Err("Failed to fetch folioAccessToken from cookies".to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cql_queries_are_escaped_and_encoded() {
+        assert_eq!(cql_escape(r#"a"b\c"#), r#"a\"b\\c"#);
+        assert_eq!(
+            utf8_percent("username==\"pub sub\""),
+            "username%3D%3D%22pub%20sub%22"
+        );
+    }
+}
