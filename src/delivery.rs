@@ -50,6 +50,7 @@ pub struct Engine {
     pub audit: AuditWriter,
     pub http: reqwest::Client,
     pub tokens: Arc<crate::system_user::Tokens>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Engine {
@@ -59,6 +60,7 @@ impl Engine {
         registry: RegistryCache,
         audit: AuditWriter,
         tokens: Arc<crate::system_user::Tokens>,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder()
             .connect_timeout(config.delivery.connect_timeout)
@@ -66,6 +68,7 @@ impl Engine {
             .pool_idle_timeout(Duration::from_secs(90))
             .build()?;
         Ok(Engine {
+            metrics,
             tokens,
             config,
             kafka,
@@ -172,7 +175,7 @@ impl Engine {
         stop: CancellationToken,
     ) {
         let consumer = match self.consumer(&module) {
-            Ok(c) => c,
+            Ok(c) => Arc::new(c),
             Err(e) => {
                 tracing::error!(%module, error = %e, "cannot create the delivery consumer");
                 return;
@@ -186,9 +189,17 @@ impl Engine {
             tracing::info!(%module, topics = ?names, "delivery consumer subscribed");
         };
         subscribe(&topics.borrow_and_update());
+        let group = format!("{}.mod-pubsub.{module}", self.config.env);
+        let mut lag_tick = tokio::time::interval(LAG_EVERY);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
+                _ = lag_tick.tick() => {
+                    let c = Arc::clone(&consumer);
+                    if let Ok(Some(lag)) = tokio::task::spawn_blocking(move || lag(&c)).await {
+                        self.metrics.consumer_lag.get_or_create(&crate::metrics::GroupLabels { group: group.clone() }).set(lag);
+                    }
+                }
                 changed = topics.changed() => {
                     if changed.is_err() { break }
                     subscribe(&topics.borrow_and_update());
@@ -300,12 +311,34 @@ impl Engine {
             match self.post(&tenant, &sub, &event, &headers, attempt).await {
                 Ok(()) => {
                     tracing::debug!(%tenant, subscriber = %sub.module_id, event_id = %event.id.0, attempt, offset = msg.offset(), "delivered");
+                    let labels = crate::metrics::Metrics::event(&event.event_type);
+                    self.metrics.delivered.get_or_create(&labels).inc();
+                    if let Some(published) = event
+                        .event_metadata
+                        .published_date
+                        .as_deref()
+                        .and_then(crate::event::parse_date_time)
+                    {
+                        let seconds = (Utc::now() - published.with_timezone(&Utc))
+                            .num_milliseconds()
+                            .max(0) as f64
+                            / 1000.0;
+                        self.metrics
+                            .delivery_latency
+                            .get_or_create(&labels)
+                            .observe(seconds);
+                    }
                     self.audit
                         .record(audit(AuditState::Delivered, Some(attempt), None))
                         .await;
                     return true;
                 }
                 Err(failure) => {
+                    let labels = crate::metrics::Metrics::event(&event.event_type);
+                    self.metrics.delivery_failed.get_or_create(&labels).inc();
+                    if (attempt as usize) <= schedule.len() {
+                        self.metrics.retried.get_or_create(&labels).inc();
+                    }
                     reason = failure.message.clone();
                     self.audit
                         .record(audit(
@@ -338,6 +371,10 @@ impl Engine {
             )
             .await;
         if done {
+            self.metrics
+                .dead_lettered
+                .get_or_create(&crate::metrics::Metrics::event(&event.event_type))
+                .inc();
             self.audit
                 .record(audit(
                     AuditState::Rejected,
@@ -516,6 +553,30 @@ impl Engine {
             }
         }
     }
+}
+
+const LAG_EVERY: Duration = Duration::from_secs(10);
+
+/// Records behind on the partitions this consumer holds (blocking: broker round trips).
+fn lag(consumer: &StreamConsumer) -> Option<i64> {
+    let positions = consumer.position().ok()?;
+    let mut total = 0;
+    for tp in positions.elements() {
+        let (_, high) = consumer
+            .fetch_watermarks(tp.topic(), tp.partition(), Duration::from_secs(2))
+            .ok()?;
+        let at = match tp.offset() {
+            rdkafka::Offset::Offset(o) => o,
+            _ => {
+                let (low, _) = consumer
+                    .fetch_watermarks(tp.topic(), tp.partition(), Duration::from_secs(2))
+                    .ok()?;
+                low
+            }
+        };
+        total += (high - at).max(0);
+    }
+    Some(total)
 }
 
 struct Failure {

@@ -12,6 +12,7 @@ pub mod error;
 pub mod event;
 pub mod http;
 pub mod kafka;
+pub mod metrics;
 pub mod registry;
 pub mod system_user;
 
@@ -74,6 +75,7 @@ pub async fn run(
         config.okapi_url.as_str(),
         okapi_http.clone(),
     ));
+    let metrics = Arc::new(metrics::Metrics::default());
     if config.delivery.enabled {
         let engine = delivery::Engine::new(
             Arc::clone(&config),
@@ -81,6 +83,7 @@ pub async fn run(
             registry.clone(),
             audit.clone(),
             Arc::clone(&tokens),
+            Arc::clone(&metrics),
         )?;
         workers.spawn(Arc::new(engine).run(background.clone()));
     }
@@ -95,6 +98,7 @@ pub async fn run(
         audit,
         okapi_http,
         tokens,
+        metrics,
     };
     let tasks = state.tasks.clone();
     tracing::info!(addr = %listener.local_addr()?, "mod-pubsub listening");

@@ -11,7 +11,9 @@ use utoipa_axum::routes;
 use super::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(health))
+    OpenApiRouter::new()
+        .routes(routes!(health))
+        .routes(routes!(metrics))
 }
 
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -48,4 +50,18 @@ async fn health(State(state): State<AppState>) -> impl IntoResponse {
             (StatusCode::SERVICE_UNAVAILABLE, text, reason)
         }
     }
+}
+
+/// Prometheus metrics: publishes, deliveries, retries, dead letters per event type, delivery
+/// latency, consumer lag per delivery group.
+#[utoipa::path(get, path = "/admin/metrics", tag = "admin",
+    responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")))]
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
 }

@@ -41,6 +41,7 @@ pub struct AppState {
     /// HTTP client for calls to Okapi (system user provisioning).
     pub okapi_http: reqwest::Client,
     pub tokens: Arc<crate::system_user::Tokens>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 #[derive(OpenApi)]

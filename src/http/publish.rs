@@ -15,6 +15,7 @@ use crate::domain::{EventType, TenantId};
 use crate::error::{AppError, AppResult};
 use crate::event::{now_string, Event};
 use crate::kafka::producer::{OutgoingRecord, PublishError};
+use crate::metrics::Metrics;
 use crate::registry::PublisherCheck;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -147,9 +148,19 @@ async fn publish(
         Ok((partition, offset)) => {
             tracing::debug!(%tenant, event_id = %event.id.0, %topic, partition, offset, "event published");
             audit.record(AuditState::Published, None).await;
+            state
+                .metrics
+                .published
+                .get_or_create(&Metrics::event(event_type.as_str()))
+                .inc();
             Ok(StatusCode::NO_CONTENT)
         }
         Err(e) => {
+            state
+                .metrics
+                .publish_failed
+                .get_or_create(&Metrics::event(event_type.as_str()))
+                .inc();
             let message = format!(
                 "{event_type} event to topic {topic} was not sent. Payload size is {}. {e}",
                 event.event_payload.as_deref().map_or(0, str::len)

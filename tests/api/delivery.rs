@@ -247,6 +247,38 @@ async fn events_are_posted_to_the_callback_with_payload_and_headers() {
             ("DELIVERED".to_owned(), Some(1))
         ]
     );
+
+    let metrics = metrics(&app).await;
+    for line in [
+        r#"pubsub_events_published_total{event_type="LOAN_CLOSED"} 1"#,
+        r#"pubsub_events_delivered_total{event_type="LOAN_CLOSED"} 1"#,
+        r#"pubsub_delivery_latency_seconds_count{event_type="LOAN_CLOSED"} 1"#,
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} missing from\n{metrics}"
+        );
+    }
+    let group = format!("{}.mod-pubsub.mod-patron-blocks", app.env["ENV"]);
+    assert!(
+        metrics.contains(&format!(r#"pubsub_consumer_lag{{group="{group}"}}"#)),
+        "{metrics}"
+    );
+}
+
+async fn metrics(app: &TestApp) -> String {
+    let r = app
+        .client
+        .get(app.url("/admin/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    r.text().await.unwrap()
 }
 
 #[tokio::test]
@@ -331,6 +363,19 @@ async fn exhausted_events_go_to_the_dead_letter_topic_and_the_next_event_follows
             .starts_with("dead-lettered: "),
         "{last}"
     );
+
+    let metrics = metrics(&app).await;
+    for line in [
+        r#"pubsub_events_dead_lettered_total{event_type="DOOMED"} 1"#,
+        r#"pubsub_delivery_retries_total{event_type="DOOMED"} 2"#,
+        r#"pubsub_delivery_attempts_failed_total{event_type="DOOMED"} 3"#,
+        r#"pubsub_events_delivered_total{event_type="DOOMED"} 1"#,
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} missing from\n{metrics}"
+        );
+    }
 }
 
 #[tokio::test]
