@@ -35,6 +35,8 @@ pub struct FakeOkapi {
     /// Bodies returned by GET /users and GET /perms/users/… (else empty / 404).
     pub users: Arc<Mutex<Option<Value>>>,
     pub perms: Arc<Mutex<Option<Value>>>,
+    /// Milliseconds every subscriber callback takes.
+    pub delay_ms: Arc<std::sync::atomic::AtomicU64>,
     pub base: String,
 }
 
@@ -104,6 +106,15 @@ async fn okapi(
     body: Bytes,
 ) -> axum::response::Response {
     let path = format!("/{path}");
+    let delay = fake.delay_ms.load(std::sync::atomic::Ordering::Relaxed);
+    if delay > 0
+        && method == axum::http::Method::POST
+        && !path.starts_with("/authn/")
+        && !path.starts_with("/perms/")
+        && path != "/users"
+    {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
     let nth = {
         let mut received = fake.received.lock().unwrap();
         received.push(Received {
