@@ -67,6 +67,10 @@ pub struct DeliveryConfig {
     pub timeout: Duration,
     /// Connect timeout of a callback (`DELIVERY_CONNECT_TIMEOUT_MS`, default 2000).
     pub connect_timeout: Duration,
+    /// librdkafka `fetch.wait.max.ms` of the delivery consumers (`DELIVERY_FETCH_WAIT_MS`,
+    /// default 20): the longest an idle fetch waits. Brokers that hold every fetch to this
+    /// maximum (tansu) add it to each event's latency and bound throughput by it.
+    pub fetch_wait: Duration,
 }
 
 /// `1s,5s,30s,2m,10m` (units ms, s, m, h).
@@ -318,6 +322,12 @@ impl Config {
                 2_000u64,
                 100,
                 60_000,
+            )?),
+            fetch_wait: Duration::from_millis(r.number(
+                "DELIVERY_FETCH_WAIT_MS",
+                20u64,
+                1,
+                5_000,
             )?),
         };
 

@@ -1,0 +1,221 @@
+//! What the benches share: a fresh database, the release service as its own process, the
+//! tenant and registrations, a raw producer with the service's settings.
+
+#![allow(dead_code)]
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use rdkafka::producer::FutureProducer;
+use rdkafka::ClientConfig;
+use serde_json::{json, Value};
+use sqlx::{Connection, PgConnection};
+
+pub const TENANT: &str = "bench";
+pub const EVENT_TYPE: &str = "BENCH_EVENT";
+pub const PUBLISHER: &str = "mod-bench-1.0.0";
+
+pub fn env_or(var: &str, default: &str) -> String {
+    std::env::var(var)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| default.to_owned())
+}
+
+/// `cargo test --all-targets` runs bench targets too, without `--bench`: nothing to measure then.
+pub fn run_as_bench(name: &str) -> bool {
+    let yes = std::env::args().any(|a| a == "--bench");
+    if !yes {
+        println!("{name} benchmark: run it with scripts/bench.sh {name}");
+    }
+    yes
+}
+
+pub fn bootstrap() -> String {
+    format!(
+        "{}:{}",
+        env_or("KAFKA_HOST", "localhost"),
+        env_or("KAFKA_PORT", "9092")
+    )
+}
+
+/// A database and a topic prefix of the bench's own.
+pub struct Setup {
+    pub database: String,
+    pub env_prefix: String,
+    admin: PgConnection,
+}
+
+impl Setup {
+    pub async fn new() -> Setup {
+        let database = format!("bench_{}", uuid::Uuid::new_v4().simple());
+        let opts = sqlx::postgres::PgConnectOptions::new()
+            .host(&env_or("DB_HOST", "localhost"))
+            .port(env_or("DB_PORT", "5432").parse().unwrap())
+            .username(&env_or("DB_USERNAME", "folio_admin"))
+            .password(&env_or("DB_PASSWORD", "folio_admin"))
+            .database(&env_or("DB_DATABASE", "okapi_modules"));
+        let mut admin = PgConnection::connect_with(&opts)
+            .await
+            .expect("PostgreSQL (run through scripts/bench.sh)");
+        sqlx::query(&format!("CREATE DATABASE {database}"))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        let env_prefix = format!("bench{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        Setup {
+            database,
+            env_prefix,
+            admin,
+        }
+    }
+
+    pub fn topic(&self) -> String {
+        format!("{}.Default.{TENANT}.{EVENT_TYPE}", self.env_prefix)
+    }
+
+    pub async fn drop_database(mut self) {
+        let _ = sqlx::query(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.database
+        ))
+        .execute(&mut self.admin)
+        .await;
+    }
+}
+
+pub struct Service {
+    child: Child,
+    pub base: String,
+}
+
+impl Service {
+    /// Starts `target/release/mod-pubsub serve` with `extra` environment variables.
+    pub async fn start(setup: &Setup, extra: &[(&str, &str)]) -> Service {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let bin = format!("{}/target/release/mod-pubsub", env!("CARGO_MANIFEST_DIR"));
+        let mut cmd = Command::new(&bin);
+        cmd.args(["serve", "--port", &port.to_string()])
+            .env("DB_DATABASE", &setup.database)
+            .env("DB_MAXPOOLSIZE", "10")
+            .env("ENV", &setup.env_prefix)
+            .env("SYSTEM_USER_CREATE", "false")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap_or_else(|e| {
+            panic!("cannot start {bin} (build it with cargo build --release): {e}")
+        });
+        let base = format!("http://127.0.0.1:{port}");
+        let client = reqwest::Client::new();
+        for _ in 0..400 {
+            if let Ok(r) = client.get(format!("{base}/admin/health")).send().await {
+                if r.status() == 200 {
+                    return Service { child, base };
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("service did not start");
+    }
+
+    pub fn peak_rss_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        let kib: u64 = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        kib as f64 / 1024.0
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> reqwest::Response {
+        reqwest::Client::new()
+            .post(format!("{}{path}", self.base))
+            .header("X-Okapi-Tenant", TENANT)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Enables the tenant and registers the bench publisher.
+    pub async fn register_publisher(&self) {
+        let job: Value = self
+            .post("/_/tenant", json!({"module_to": "mod-pubsub-1.0.0"}))
+            .await
+            .json()
+            .await
+            .unwrap();
+        reqwest::Client::new()
+            .get(format!(
+                "{}/_/tenant/{}?wait=30000",
+                self.base,
+                job["id"].as_str().unwrap()
+            ))
+            .header("X-Okapi-Tenant", TENANT)
+            .send()
+            .await
+            .unwrap();
+        let d = json!({"eventType": EVENT_TYPE, "description": "bench", "eventTTL": 1});
+        assert_eq!(
+            self.post("/pubsub/event-types", d.clone()).await.status(),
+            201
+        );
+        let r = self
+            .post(
+                "/pubsub/event-types/declare/publisher",
+                json!({"moduleId": PUBLISHER, "eventDescriptors": [d]}),
+            )
+            .await;
+        assert_eq!(r.status(), 201);
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+/// About 1 KB of payload.
+pub fn payload() -> String {
+    json!({"loanId": "8b1d3b4e-1c33-4f2a-9a55-3c1e5a0b6f11", "note": "x".repeat(900)}).to_string()
+}
+
+/// The service's producer settings (src/kafka/producer.rs).
+pub fn raw_producer() -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "0")
+        .create()
+        .expect("producer")
+}
+
+/// An Event envelope as the service writes it.
+pub fn envelope(id: &str, payload: &str) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "id": id,
+        "eventType": EVENT_TYPE,
+        "eventMetadata": {"tenantId": TENANT, "eventTTL": 1, "publishedBy": PUBLISHER,
+                          "publishedDate": chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.3f+00:00").to_string()},
+        "eventPayload": payload,
+    }))
+    .unwrap()
+}
