@@ -14,6 +14,8 @@
 //!   with headers saying who, why and where from, and a REJECTED audit row.
 //! * Any 2xx answer counts as delivered (the Java module counted only 200, 201 and 204).
 
+pub mod dead_letters;
+
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;

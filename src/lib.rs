@@ -76,16 +76,18 @@ pub async fn run(
         okapi_http.clone(),
     ));
     let metrics = Arc::new(metrics::Metrics::default());
+    // The engine serves the admin endpoints (dead letters, replay) on every instance; it
+    // consumes only where delivery is enabled.
+    let engine = Arc::new(delivery::Engine::new(
+        Arc::clone(&config),
+        Arc::clone(&kafka),
+        registry.clone(),
+        audit.clone(),
+        Arc::clone(&tokens),
+        Arc::clone(&metrics),
+    )?);
     if config.delivery.enabled {
-        let engine = delivery::Engine::new(
-            Arc::clone(&config),
-            Arc::clone(&kafka),
-            registry.clone(),
-            audit.clone(),
-            Arc::clone(&tokens),
-            Arc::clone(&metrics),
-        )?;
-        workers.spawn(Arc::new(engine).run(background.clone()));
+        workers.spawn(Arc::clone(&engine).run(background.clone()));
     }
     workers.close();
 
@@ -99,6 +101,8 @@ pub async fn run(
         okapi_http,
         tokens,
         metrics,
+        engine,
+        shutdown: background.clone(),
     };
     let tasks = state.tasks.clone();
     tracing::info!(addr = %listener.local_addr()?, "mod-pubsub listening");

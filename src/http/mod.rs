@@ -1,6 +1,7 @@
 //! The HTTP service: one router per resource, merged here, with the OpenAPI document built from
 //! the same routes.
 
+pub mod dead_letters;
 pub mod event_types;
 pub mod extract;
 pub mod health;
@@ -42,6 +43,9 @@ pub struct AppState {
     pub okapi_http: reqwest::Client,
     pub tokens: Arc<crate::system_user::Tokens>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    pub engine: Arc<crate::delivery::Engine>,
+    /// Cancelled when the service stops (replays end with it).
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 #[derive(OpenApi)]
@@ -59,6 +63,7 @@ pub struct AppState {
         (name = "messaging-modules", description = "Unregistering a module"),
         (name = "publish", description = "Publishing events"),
         (name = "audit", description = "The audit trail (per tenant)"),
+        (name = "dead-letters", description = "Dead-lettered events, redelivery and replay"),
         (name = "tenant", description = "Okapi _tenant interface 2.0"),
         (name = "admin", description = "Health and operations")
     ),
@@ -74,6 +79,7 @@ fn routes() -> OpenApiRouter<AppState> {
         .merge(messaging_modules::router())
         .merge(publish::router())
         .merge(history::router())
+        .merge(dead_letters::router())
         .merge(tenant::router())
         .merge(health::router())
 }

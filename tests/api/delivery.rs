@@ -465,3 +465,96 @@ async fn delivery_resumes_after_a_restart_and_stops_after_unsubscribing() {
         "an event published after unsubscribing was delivered"
     );
 }
+
+#[tokio::test]
+async fn dead_letters_can_be_listed_redelivered_and_subscribers_replayed() {
+    let fake = FakeOkapi::start().await;
+    fake.answer("/flaky", &[500, 500, 204]);
+    let app = delivering_app(&fake, "50ms").await;
+    register_publisher(&app, "diku", "ADMIN", "mod-pub-1.0.0").await;
+    subscribe(&app, "mod-sub-1.0.0", "ADMIN", "/flaky").await;
+    let before = chrono::Utc::now() - chrono::Duration::seconds(1);
+    let dead = publish(&app, "ADMIN", r#"{"n":"dead"}"#).await;
+    // Two attempts (500, 500): dead-lettered.
+    let mut listed = Value::Null;
+    for _ in 0..200 {
+        listed = app.get_json("diku", "/pubsub/dead-letters").await;
+        if listed["totalRecords"] == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(listed["totalRecords"], 1, "{listed}");
+    let letter = &listed["deadLetters"][0];
+    assert_eq!(letter["eventId"], dead.as_str());
+    assert_eq!(letter["subscriber"], "mod-sub-1.0.0");
+    assert_eq!(letter["attempts"], "2");
+    assert_eq!(letter["event"]["eventPayload"], r#"{"n":"dead"}"#);
+    let other = app
+        .get_json("diku", "/pubsub/dead-letters?subscriber=mod-other")
+        .await;
+    assert_eq!(other["totalRecords"], 0);
+    let other_tenant = app.get_json("other", "/pubsub/dead-letters").await;
+    assert_eq!(other_tenant["totalRecords"], 0);
+
+    // Redelivery: the subscriber now answers 204.
+    let r = app
+        .post_json(
+            "diku",
+            "/pubsub/dead-letters/redeliver",
+            &serde_json::json!({"eventIds": [dead]}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let result: Value = r.json().await.unwrap();
+    assert_eq!(result["redelivered"], serde_json::json!([dead]), "{result}");
+    let got = fake.received_on("/flaky");
+    assert_eq!(got.len(), 3);
+    assert_eq!(got[2].headers["x-pubsub-event-id"], dead);
+    assert_eq!(got[2].headers["x-pubsub-delivery-attempt"], "3");
+    let rows = app.audit_of("diku", &dead, 5).await;
+    assert_eq!(rows.last().unwrap()["state"], "DELIVERED");
+
+    // Replay from before the event: delivered again (the subscriber keeps answering 204).
+    let r = app
+        .post_json(
+            "diku",
+            "/pubsub/subscribers/mod-sub-1.0.0/replay",
+            &serde_json::json!({"fromDate": before.to_rfc3339()}),
+        )
+        .await;
+    assert_eq!(r.status(), 202);
+    let started: Value = r.json().await.unwrap();
+    assert_eq!(
+        started["topics"],
+        serde_json::json!([app.topic("diku", "ADMIN")])
+    );
+    let got = fake.wait_for("/flaky", 4, Duration::from_secs(20)).await;
+    assert_eq!(got[3].headers["x-pubsub-event-id"], dead);
+
+    // Bad requests.
+    let r = app
+        .post_json(
+            "diku",
+            "/pubsub/subscribers/mod-nobody-1.0.0/replay",
+            &serde_json::json!({"fromDate": before.to_rfc3339()}),
+        )
+        .await;
+    assert_eq!(r.status(), 404);
+    let r = app
+        .post_json(
+            "diku",
+            "/pubsub/subscribers/mod-sub-1.0.0/replay",
+            &serde_json::json!({"fromDate": "yesterday"}),
+        )
+        .await;
+    assert_eq!(r.status(), 422);
+    let r = app
+        .post_json(
+            "diku",
+            "/pubsub/dead-letters/redeliver",
+            &serde_json::json!({"eventIds": ["nope"]}),
+        )
+        .await;
+    assert_eq!(r.status(), 422);
+}
