@@ -558,3 +558,62 @@ async fn dead_letters_can_be_listed_redelivered_and_subscribers_replayed() {
         .await;
     assert_eq!(r.status(), 422);
 }
+
+#[tokio::test]
+async fn two_instances_share_the_work_and_deliver_each_event_once() {
+    let fake = FakeOkapi::start().await;
+    let db = TestDb::create().await;
+    let base = fake.base.clone();
+    let a = TestApp::spawn_on(db, move |e| {
+        e.insert("DELIVERY_ENABLED".into(), "true".into());
+        e.insert("OKAPI_URL".into(), base);
+        e.insert("NUMBER_OF_PARTITIONS".into(), "4".into());
+        e.insert("DELIVERY_RETRY_SCHEDULE".into(), "100ms".into());
+    })
+    .await;
+    register_publisher(&a, "diku", "SHARED_WORK", "mod-pub-1.0.0").await;
+    subscribe(&a, "mod-sub-1.0.0", "SHARED_WORK", "/work").await;
+    let b = a.another_instance().await;
+    // Let the group settle with both members.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+
+    let mut sent = Vec::new();
+    for i in 0..60 {
+        let id = new_id();
+        let r = a
+            .req_as("diku", reqwest::Method::POST, "/pubsub/publish")
+            .header("X-Pubsub-Partition-Key", format!("key-{i}"))
+            .json(&event(&id, "SHARED_WORK", "diku", "mod-pub-1.0.0", "{}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 204);
+        sent.push(id);
+    }
+    fake.wait_for("/work", 60, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut got: Vec<String> = fake
+        .received_on("/work")
+        .iter()
+        .map(|r| r.headers["x-pubsub-event-id"].clone())
+        .collect();
+    got.sort();
+    sent.sort();
+    assert_eq!(got, sent, "each event exactly once");
+
+    let delivered_by = |m: String| -> u64 {
+        m.lines()
+            .find(|l| l.starts_with(r#"pubsub_events_delivered_total{event_type="SHARED_WORK"}"#))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let (on_a, on_b) = (
+        delivered_by(metrics(&a).await),
+        delivered_by(metrics(&b).await),
+    );
+    assert_eq!(on_a + on_b, 60);
+    assert!(
+        on_a > 0 && on_b > 0,
+        "both instances deliver: {on_a} + {on_b}"
+    );
+}
