@@ -17,6 +17,7 @@ use crate::publish::{event, new_id, register_publisher};
 
 #[derive(Debug, Clone)]
 pub struct Received {
+    pub at: Instant,
     pub method: String,
     pub path: String,
     pub headers: HashMap<String, String>,
@@ -70,6 +71,11 @@ impl FakeOkapi {
             .collect()
     }
 
+    /// When each request on `path` arrived.
+    pub fn arrivals(&self, path: &str) -> Vec<Instant> {
+        self.received_on(path).iter().map(|r| r.at).collect()
+    }
+
     /// `METHOD path` of every request, in order.
     pub fn calls(&self) -> Vec<String> {
         self.received
@@ -118,6 +124,7 @@ async fn okapi(
     let nth = {
         let mut received = fake.received.lock().unwrap();
         received.push(Received {
+            at: Instant::now(),
             method: method.to_string(),
             path: path.clone(),
             headers: headers
@@ -135,6 +142,14 @@ async fn okapi(
         .get(&path)
         .map(|p| p[(nth - 1).min(p.len() - 1)]);
     let status = |default: u16| StatusCode::from_u16(planned.unwrap_or(default)).unwrap();
+    if planned == Some(429) {
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [("retry-after", "1")],
+            "slow down",
+        )
+            .into_response();
+    }
     match (method.as_str(), path.as_str()) {
         ("POST", "/authn/login-with-expiry") => (
             status(201),
@@ -615,5 +630,83 @@ async fn two_instances_share_the_work_and_deliver_each_event_once() {
     assert!(
         on_a > 0 && on_b > 0,
         "both instances deliver: {on_a} + {on_b}"
+    );
+}
+
+#[tokio::test]
+async fn retry_after_is_honoured_and_hung_callbacks_time_out() {
+    let fake = FakeOkapi::start().await;
+    fake.answer("/busy", &[429, 204]);
+    let app = delivering_app(&fake, "50ms,50ms").await;
+    register_publisher(&app, "diku", "BUSY", "mod-pub-1.0.0").await;
+    subscribe(&app, "mod-sub-1.0.0", "BUSY", "/busy").await;
+    publish(&app, "BUSY", "{}").await;
+    let got = fake.wait_for("/busy", 2, Duration::from_secs(20)).await;
+    assert_eq!(got[1].headers["x-pubsub-delivery-attempt"], "2");
+    let times: Vec<Instant> = fake.arrivals("/busy");
+    let waited = times[1].duration_since(times[0]);
+    assert!(
+        waited >= Duration::from_millis(950),
+        "Retry-After: 1 honoured, waited {waited:?} (schedule says 50 ms)"
+    );
+
+    // A callback that hangs longer than DELIVERY_TIMEOUT_MS (2 s) is a failed attempt.
+    fake.delay_ms
+        .store(3000, std::sync::atomic::Ordering::Relaxed);
+    let id = publish(&app, "BUSY", "{}").await;
+    let rows = app.audit_of("diku", &id, 4).await;
+    let rejected = rows
+        .iter()
+        .find(|r| r["state"] == "REJECTED")
+        .expect("a failed attempt");
+    assert!(
+        rejected["errorMessage"]
+            .as_str()
+            .unwrap()
+            .contains("was not delivered"),
+        "{rejected}"
+    );
+    fake.delay_ms.store(0, std::sync::atomic::Ordering::Relaxed);
+}
+
+#[tokio::test]
+async fn purging_a_tenant_stops_its_deliveries() {
+    let fake = FakeOkapi::start().await;
+    let app = delivering_app(&fake, "50ms").await;
+    register_publisher(&app, "diku", "PURGED", "mod-pub-1.0.0").await;
+    subscribe(&app, "mod-sub-1.0.0", "PURGED", "/purged").await;
+    publish(&app, "PURGED", "{}").await;
+    fake.wait_for("/purged", 1, Duration::from_secs(20)).await;
+
+    let r = app
+        .post_json(
+            "diku",
+            "/_/tenant",
+            &serde_json::json!({"module_from": "mod-pubsub-1.0.0", "purge": true}),
+        )
+        .await;
+    assert_eq!(r.status(), 204);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A module on folio-kafka-wrapper keeps writing to the topic directly.
+    let id = new_id();
+    let value = serde_json::to_vec(&event(&id, "PURGED", "diku", "mod-pub-1.0.0", "{}")).unwrap();
+    let (bootstrap, topic) = (app.bootstrap(), app.topic("diku", "PURGED"));
+    tokio::task::spawn_blocking(move || {
+        use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+        let p: BaseProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .create()
+            .unwrap();
+        p.send(BaseRecord::to(&topic).key(&id).payload(&value))
+            .unwrap();
+        p.flush(Duration::from_secs(10)).unwrap();
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        fake.received_on("/purged").len(),
+        1,
+        "nothing delivered after the purge"
     );
 }
