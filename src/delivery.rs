@@ -593,7 +593,7 @@ struct Failure {
     retry_after: Option<Duration>,
 }
 
-fn record_headers(msg: &BorrowedMessage<'_>) -> HashMap<String, String> {
+fn record_headers<M: Message>(msg: &M) -> HashMap<String, String> {
     let mut out = HashMap::new();
     if let Some(h) = msg.headers() {
         for header in h.iter() {

@@ -145,7 +145,7 @@ impl Engine {
         Ok(records
             .into_iter()
             .map(|m| {
-                let headers = owned_headers(&m);
+                let headers = super::record_headers(&m);
                 let event: serde_json::Value = m
                     .payload()
                     .and_then(|p| serde_json::from_slice(p).ok())
@@ -324,20 +324,4 @@ impl Engine {
         }
         Ok(total)
     }
-}
-
-fn owned_headers(m: &rdkafka::message::OwnedMessage) -> HashMap<String, String> {
-    use rdkafka::message::Headers;
-    let mut out = HashMap::new();
-    if let Some(h) = m.headers() {
-        for header in h.iter() {
-            if let Some(v) = header.value {
-                out.insert(
-                    header.key.to_owned(),
-                    String::from_utf8_lossy(v).into_owned(),
-                );
-            }
-        }
-    }
-    out
 }
