@@ -8,6 +8,10 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "${PUBSUB_REPO_ROOT}"
 
 export_default_env
+# Standalone, there is no Okapi to create the system user in: deliveries go without a token.
+# Set SYSTEM_USER_CREATE=true (and OKAPI_URL) to run behind a real Okapi.
+: "${SYSTEM_USER_CREATE:=false}"
+export SYSTEM_USER_CREATE
 ensure_services
 
 log "cargo build --release --locked"
