@@ -17,5 +17,9 @@ drop_test_databases
 log "cargo test --locked --lib --bins --tests $*"
 status=0
 cargo test --locked --lib --bins --tests "$@" || status=$?
+if [[ "${status}" -eq 0 ]]; then
+  log "cargo test --locked --doc"
+  cargo test --locked --doc || status=$?
+fi
 drop_test_databases
 exit "${status}"

@@ -4,6 +4,7 @@
 //! server on port 0.
 
 pub mod audit;
+pub mod client;
 pub mod config;
 pub mod db;
 pub mod delivery;

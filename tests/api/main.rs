@@ -4,6 +4,7 @@ mod helpers;
 
 mod audit;
 mod bad_input;
+mod client;
 mod crash;
 mod delivery;
 mod event_types;

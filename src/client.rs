@@ -1,0 +1,241 @@
+//! The direct-Kafka client: modules register through pubsub's REST API (which creates the
+//! topics) and then publish straight to Kafka, with exactly the topic names, envelope, key and
+//! headers of the HTTP publish path.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! use mod_pubsub::client::{DirectPublisher, MessagingDescriptor, Registrar};
+//!
+//! let descriptor = MessagingDescriptor::from_file("MessagingDescriptor.json".as_ref())?;
+//! let registrar = Registrar::new("http://okapi:9130", "diku", Some("okapi-token".into()));
+//! registrar.register("mod-circulation-24.0.0", &descriptor).await?;
+//!
+//! let publisher = DirectPublisher::new("kafka:9092", "folio", "diku")?;
+//! let payload = serde_json::json!({"loanId": "…"}).to_string();
+//! publisher.publish("ITEM_CHECKED_OUT", "mod-circulation-24.0.0", &payload, None).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! This is the first part of the client (issue 5): registration and publishing. Consuming,
+//! the cargo feature without the server's dependencies, and the CLI come next.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use rdkafka::ClientConfig;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::domain::{EventType, TenantId};
+
+/// Why a client call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("invalid messaging descriptor: {0}")]
+    Descriptor(String),
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    #[error("pubsub answered {status} to {call}: {body}")]
+    Refused {
+        call: String,
+        status: u16,
+        body: String,
+    },
+    #[error("pubsub did not answer {call}: {source}")]
+    Transport {
+        call: String,
+        source: reqwest::Error,
+    },
+    #[error("Kafka: {0}")]
+    Kafka(String),
+}
+
+/// A module's `MessagingDescriptor.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessagingDescriptor {
+    pub publications: Vec<serde_json::Value>,
+    pub subscriptions: Vec<Subscription>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Subscription {
+    pub event_type: String,
+    pub callback_address: String,
+}
+
+impl MessagingDescriptor {
+    pub fn from_file(path: &Path) -> Result<Self, ClientError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ClientError::Descriptor(format!("{}: {e}", path.display())))?;
+        serde_json::from_str(&text)
+            .map_err(|e| ClientError::Descriptor(format!("{}: {e}", path.display())))
+    }
+}
+
+/// Registers modules through pubsub's REST API (through Okapi).
+pub struct Registrar {
+    http: reqwest::Client,
+    base: String,
+    tenant: String,
+    token: Option<String>,
+}
+
+impl Registrar {
+    pub fn new(okapi_url: &str, tenant: &str, token: Option<String>) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("HTTP client");
+        Registrar {
+            http,
+            base: okapi_url.trim_end_matches('/').to_owned(),
+            tenant: tenant.to_owned(),
+            token,
+        }
+    }
+
+    async fn post(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+        expect: u16,
+    ) -> Result<(), ClientError> {
+        let call = format!("POST {path}");
+        let mut r = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header("X-Okapi-Tenant", &self.tenant)
+            .header("X-Okapi-Url", &self.base)
+            .json(body);
+        if let Some(t) = &self.token {
+            r = r.header("X-Okapi-Token", t);
+        }
+        let resp = r.send().await.map_err(|source| ClientError::Transport {
+            call: call.clone(),
+            source,
+        })?;
+        let status = resp.status().as_u16();
+        if status == expect {
+            Ok(())
+        } else {
+            Err(ClientError::Refused {
+                call,
+                status,
+                body: resp.text().await.unwrap_or_default(),
+            })
+        }
+    }
+
+    /// The Java client's order: every publication as an event type, then the publisher
+    /// declaration, then the subscriber declaration. Idempotent. Returns false when there was
+    /// nothing to register.
+    pub async fn register(
+        &self,
+        module_id: &str,
+        descriptor: &MessagingDescriptor,
+    ) -> Result<bool, ClientError> {
+        if descriptor.publications.is_empty() && descriptor.subscriptions.is_empty() {
+            return Ok(false);
+        }
+        if !descriptor.publications.is_empty() {
+            for p in &descriptor.publications {
+                self.post("/pubsub/event-types", p, 201).await?;
+            }
+            let body = json!({"moduleId": module_id, "eventDescriptors": descriptor.publications});
+            self.post("/pubsub/event-types/declare/publisher", &body, 201)
+                .await?;
+        }
+        if !descriptor.subscriptions.is_empty() {
+            let body =
+                json!({"moduleId": module_id, "subscriptionDefinitions": descriptor.subscriptions});
+            self.post("/pubsub/event-types/declare/subscriber", &body, 201)
+                .await?;
+        }
+        Ok(true)
+    }
+}
+
+/// Publishes events straight to Kafka, as `POST /pubsub/publish` would.
+pub struct DirectPublisher {
+    producer: FutureProducer,
+    env: String,
+    namespace: String,
+    tenant: TenantId,
+    timeout: Duration,
+}
+
+impl DirectPublisher {
+    /// `bootstrap`: Kafka's bootstrap servers; `env`: the `ENV` pubsub runs with.
+    pub fn new(bootstrap: &str, env: &str, tenant: &str) -> Result<Self, ClientError> {
+        let tenant = TenantId::parse(tenant).map_err(|e| ClientError::Invalid(e.0))?;
+        let producer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "0")
+            .create()
+            .map_err(|e| ClientError::Kafka(e.to_string()))?;
+        Ok(DirectPublisher {
+            producer,
+            env: env.to_owned(),
+            namespace: "Default".to_owned(),
+            tenant,
+            timeout: Duration::from_secs(10),
+        })
+    }
+
+    /// The topic of an event type: `{env}.Default.{tenant}.{eventType}`.
+    pub fn topic(&self, event_type: &str) -> Result<String, ClientError> {
+        let t = EventType::parse(event_type)
+            .map_err(|e| ClientError::Invalid(format!("eventType: {}", e.0)))?;
+        Ok(format!(
+            "{}.{}.{}.{}",
+            self.env, self.namespace, self.tenant, t
+        ))
+    }
+
+    /// Publishes one event and waits for Kafka's acknowledgement; returns the event id. `key`
+    /// defaults to the event id, as on the HTTP path.
+    pub async fn publish(
+        &self,
+        event_type: &str,
+        published_by: &str,
+        payload: &str,
+        key: Option<&str>,
+    ) -> Result<String, ClientError> {
+        let topic = self.topic(event_type)?;
+        let id = uuid::Uuid::new_v4().to_string();
+        let envelope = json!({
+            "id": id,
+            "eventType": event_type,
+            "eventMetadata": {"tenantId": self.tenant.as_str(), "eventTTL": 1, "publishedBy": published_by,
+                              "publishedDate": crate::event::now_string()},
+            "eventPayload": payload,
+        });
+        let value =
+            serde_json::to_vec(&envelope).map_err(|e| ClientError::Invalid(e.to_string()))?;
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "folio.tenantId",
+                value: Some(self.tenant.as_str()),
+            })
+            .insert(Header {
+                key: "x-okapi-tenant",
+                value: Some(self.tenant.as_str()),
+            });
+        let record = FutureRecord::to(&topic)
+            .key(key.unwrap_or(&id))
+            .payload(&value)
+            .headers(headers);
+        self.producer
+            .send(record, Timeout::After(self.timeout))
+            .await
+            .map_err(|(e, _)| ClientError::Kafka(e.to_string()))?;
+        Ok(id)
+    }
+}
