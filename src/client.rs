@@ -65,7 +65,9 @@ pub struct MessagingDescriptor {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Subscription {
     pub event_type: String,
-    pub callback_address: String,
+    /// Absent: the module consumes the topic directly; pubsub never pushes to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_address: Option<String>,
 }
 
 impl MessagingDescriptor {

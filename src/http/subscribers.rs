@@ -39,22 +39,30 @@ pub struct SubscriptionDefinition {
     #[schema(pattern = "^[A-Za-z0-9_-]{1,100}$")]
     pub event_type: String,
     /// An Okapi path such as `/patron-blocks/handlers/item-checked-out`; events are POSTed to
-    /// `OKAPI_URL` + this path.
-    #[serde(deserialize_with = "callback_address")]
+    /// `OKAPI_URL` + this path. Absent (or null): a **direct consumer**, which reads the topic
+    /// itself (e.g. with this crate's client); pubsub records the subscription, creates the
+    /// topic, and never pushes to it.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "callback_address"
+    )]
     #[schema(
         pattern = "^/\\S*$",
         example = "/automated-patron-blocks/handlers/item-checked-out"
     )]
-    pub callback_address: String,
+    pub callback_address: Option<String>,
 }
 
-fn callback_address<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    let raw = String::deserialize(d)?;
+fn callback_address<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let Some(raw) = Option::<String>::deserialize(d)? else {
+        return Ok(None);
+    };
     let ok = raw.starts_with('/')
         && raw.len() <= 2048
         && !raw.chars().any(|c| c.is_whitespace() || c.is_control());
     if ok {
-        Ok(raw)
+        Ok(Some(raw))
     } else {
         Err(serde::de::Error::custom(
             "must match \"^/\\S*$\": an Okapi path starting with '/', at most 2048 characters, without white space",
@@ -113,7 +121,7 @@ async fn declare_subscriber(
             event_type_id: d.event_type.clone(),
             tenant_id: tenant.to_string(),
             role: ModuleRole::Subscriber,
-            subscriber_callback: Some(d.callback_address.clone()),
+            subscriber_callback: d.callback_address.clone(),
             module_id: module.to_string(),
             activated: true,
             created_date: replaced

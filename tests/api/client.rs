@@ -50,6 +50,19 @@ async fn a_module_registers_with_the_client_and_publishes_directly_to_kafka() {
         .await
         .unwrap());
 
+    // A module that consumes the topic itself registers without a callback address.
+    let direct = MessagingDescriptor {
+        publications: vec![],
+        subscriptions: vec![mod_pubsub::client::Subscription {
+            event_type: "ITEM_CHECKED_OUT".into(),
+            callback_address: None,
+        }],
+    };
+    assert!(registrar
+        .register("mod-direct-1.0.0", &direct)
+        .await
+        .unwrap());
+
     let publisher = DirectPublisher::new(&app.bootstrap(), &app.env["ENV"], "diku").unwrap();
     assert_eq!(
         publisher.topic("ITEM_CHECKED_OUT").unwrap(),
@@ -71,6 +84,15 @@ async fn a_module_registers_with_the_client_and_publishes_directly_to_kafka() {
     let got = fake.wait_for(path, 1, Duration::from_secs(20)).await;
     assert_eq!(got[0].body, payload);
     assert_eq!(got[0].headers["x-pubsub-event-id"], id);
+    // pubsub pushed it to mod-patron-blocks only, never to the direct consumer.
+    let rows = app.audit_of("diku", &id, 2).await;
+    assert!(rows
+        .iter()
+        .any(|r| r["subscriber"] == "mod-patron-blocks-1.0.0"));
+    assert!(
+        rows.iter().all(|r| r["subscriber"] != "mod-direct-1.0.0"),
+        "{rows:?}"
+    );
 
     // A registration error is reported, not swallowed.
     let bad = Registrar::new(&app.base, "diku", None);

@@ -175,7 +175,7 @@ async fn invalid_definitions_are_422_naming_the_field() {
             "subscriptionDefinitions[0].eventType",
         ),
         (
-            json!({"moduleId": "m-1.0.0", "subscriptionDefinitions": [{"eventType": "X"}]}),
+            json!({"moduleId": "m-1.0.0", "subscriptionDefinitions": [{"eventType": "X", "callbackAddress": 7}]}),
             "subscriptionDefinitions[0].callbackAddress",
         ),
     ];
@@ -192,4 +192,26 @@ async fn invalid_definitions_are_422_naming_the_field() {
         0,
         "nothing stored"
     );
+}
+
+#[tokio::test]
+async fn a_subscription_without_callback_is_a_direct_consumer() {
+    let app = TestApp::spawn().await;
+    let body = json!({"moduleId": "mod-direct-1.0.0", "subscriptionDefinitions": [{"eventType": "DIRECT"}, {"eventType": "DIRECT_2", "callbackAddress": null}]});
+    let r = app
+        .post_json(TENANT, "/pubsub/event-types/declare/subscriber", &body)
+        .await;
+    assert_eq!(r.status(), 201);
+    let listed = app
+        .get_json(TENANT, "/pubsub/event-types/DIRECT/subscribers")
+        .await;
+    assert_eq!(listed["totalRecords"], 1);
+    let m = &listed["messagingModules"][0];
+    assert_eq!(m["moduleId"], "mod-direct-1.0.0");
+    assert!(m.get("subscriberCallback").is_none(), "{m}");
+    let stored: Option<String> = sqlx::query_scalar("SELECT subscriber_callback FROM pubsub_config.messaging_module WHERE event_type_id = 'DIRECT'")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, None);
 }
