@@ -16,8 +16,12 @@
 //! # Ok(()) }
 //! ```
 //!
-//! This is the first part of the client (issue 5): registration and publishing. Consuming,
-//! the cargo feature without the server's dependencies, and the CLI come next.
+//! [`DirectConsumer`] consumes event types of one tenant or of all tenants with an async
+//! handler: the offset is stored after the handler succeeded, failures are retried and then
+//! dead-lettered.
+//!
+//! Still to come (issue 5): a cargo feature without the server's dependencies, batch publishing,
+//! more than one record in flight with pause/resume back-pressure, the CLI.
 
 use std::path::Path;
 use std::time::Duration;
@@ -239,5 +243,208 @@ impl DirectPublisher {
             .await
             .map_err(|(e, _)| ClientError::Kafka(e.to_string()))?;
         Ok(id)
+    }
+}
+
+/// An event as a direct consumer receives it.
+#[derive(Debug, Clone)]
+pub struct ReceivedEvent {
+    pub tenant: String,
+    pub topic: String,
+    pub key: Option<String>,
+    /// The Event envelope.
+    pub event: crate::event::Event,
+    pub headers: std::collections::HashMap<String, String>,
+}
+
+/// Consumes event types straight from Kafka, one record at a time per consumer (so events of one
+/// partition key stay in order): the handler's success stores the offset (committed every
+/// 500 ms); a failure is retried after the waits of `retry_schedule`, then the record goes to the
+/// tenant's dead-letter topic (`{env}.Default.{tenant}.mod-pubsub.dead-letters`, with the same
+/// headers as the delivery engine's) and the consumer moves on.
+pub struct DirectConsumer {
+    consumer: rdkafka::consumer::StreamConsumer,
+    producer: FutureProducer,
+    env: String,
+    module: String,
+    pub retry_schedule: Vec<Duration>,
+}
+
+impl DirectConsumer {
+    /// `module`: the consuming module's name (the consumer group is `{env}.{module}`); `tenant`:
+    /// one tenant, or `None` for every tenant (a regular-expression subscription).
+    pub fn new(
+        bootstrap: &str,
+        env: &str,
+        module: &str,
+        tenant: Option<&str>,
+        event_types: &[&str],
+    ) -> Result<Self, ClientError> {
+        use rdkafka::consumer::Consumer;
+        let mut topics = Vec::new();
+        for t in event_types {
+            let e = EventType::parse(t)
+                .map_err(|e| ClientError::Invalid(format!("eventType: {}", e.0)))?;
+            topics.push(match tenant {
+                Some(tenant) => {
+                    let tenant = TenantId::parse(tenant).map_err(|e| ClientError::Invalid(e.0))?;
+                    format!("{env}.Default.{tenant}.{e}")
+                }
+                None => format!("^{env}\\.Default\\.[a-z][a-z0-9_]*\\.{e}$"),
+            });
+        }
+        let consumer: rdkafka::consumer::StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("group.id", format!("{env}.{module}"))
+            .set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", "500")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.wait.max.ms", "20")
+            .set("topic.metadata.refresh.interval.ms", "5000")
+            .create()
+            .map_err(|e| ClientError::Kafka(e.to_string()))?;
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&names)
+            .map_err(|e| ClientError::Kafka(e.to_string()))?;
+        let producer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .create()
+            .map_err(|e| ClientError::Kafka(e.to_string()))?;
+        Ok(DirectConsumer {
+            consumer,
+            producer,
+            env: env.to_owned(),
+            module: module.to_owned(),
+            retry_schedule: vec![
+                Duration::from_secs(1),
+                Duration::from_secs(5),
+                Duration::from_secs(30),
+            ],
+        })
+    }
+
+    /// Handles records until `stop` is cancelled.
+    pub async fn run<F, Fut>(
+        &self,
+        handler: F,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> Result<(), ClientError>
+    where
+        F: Fn(ReceivedEvent) -> Fut,
+        Fut: std::future::Future<Output = Result<(), String>>,
+    {
+        use rdkafka::consumer::Consumer;
+        use rdkafka::message::{Headers, Message};
+        loop {
+            let msg = tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                m = self.consumer.recv() => m.map_err(|e| ClientError::Kafka(e.to_string()))?,
+            };
+            let mut headers = std::collections::HashMap::new();
+            if let Some(h) = msg.headers() {
+                for header in h.iter() {
+                    if let Some(v) = header.value {
+                        headers.insert(
+                            header.key.to_owned(),
+                            String::from_utf8_lossy(v).into_owned(),
+                        );
+                    }
+                }
+            }
+            let parsed = msg
+                .payload()
+                .map(serde_json::from_slice::<crate::event::Event>);
+            let mut reason = String::new();
+            let mut attempts = 0;
+            if let Some(Ok(event)) = parsed {
+                let tenant = headers
+                    .get("folio.tenantId")
+                    .cloned()
+                    .unwrap_or_else(|| event.event_metadata.tenant_id.clone());
+                let received = ReceivedEvent {
+                    tenant,
+                    topic: msg.topic().to_owned(),
+                    key: msg.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                    event,
+                    headers: headers.clone(),
+                };
+                for wait in self
+                    .retry_schedule
+                    .iter()
+                    .map(Some)
+                    .chain(std::iter::once(None))
+                {
+                    attempts += 1;
+                    match handler(received.clone()).await {
+                        Ok(()) => {
+                            reason.clear();
+                            break;
+                        }
+                        Err(e) => reason = e,
+                    }
+                    match wait {
+                        Some(w) => tokio::select! {
+                            _ = stop.cancelled() => return Ok(()), // not stored: handled again later
+                            _ = tokio::time::sleep(*w) => {}
+                        },
+                        None => break,
+                    }
+                }
+            } else {
+                reason = "not an Event envelope".to_owned();
+            }
+            if !reason.is_empty() {
+                let tenant = headers
+                    .get("folio.tenantId")
+                    .cloned()
+                    .or_else(|| msg.topic().split('.').nth(2).map(str::to_owned))
+                    .unwrap_or_default();
+                let dlq = format!("{}.Default.{tenant}.mod-pubsub.dead-letters", self.env);
+                let (partition, offset, attempts) = (
+                    msg.partition().to_string(),
+                    msg.offset().to_string(),
+                    attempts.to_string(),
+                );
+                let mut out = OwnedHeaders::new();
+                for (k, v) in headers.iter().filter(|(k, _)| !k.starts_with("pubsub.")) {
+                    out = out.insert(Header {
+                        key: k,
+                        value: Some(v.as_str()),
+                    });
+                }
+                for (k, v) in [
+                    ("pubsub.subscriber", self.module.as_str()),
+                    ("pubsub.reason", reason.as_str()),
+                    ("pubsub.attempts", attempts.as_str()),
+                    ("pubsub.original-topic", msg.topic()),
+                    ("pubsub.original-partition", partition.as_str()),
+                    ("pubsub.original-offset", offset.as_str()),
+                ] {
+                    out = out.insert(Header {
+                        key: k,
+                        value: Some(v),
+                    });
+                }
+                let key = msg
+                    .key()
+                    .map(|k| String::from_utf8_lossy(k).into_owned())
+                    .unwrap_or_default();
+                let record = FutureRecord::to(&dlq)
+                    .key(&key)
+                    .payload(msg.payload().unwrap_or_default())
+                    .headers(out);
+                self.producer
+                    .send(record, Timeout::After(Duration::from_secs(30)))
+                    .await
+                    .map_err(|(e, _)| ClientError::Kafka(e.to_string()))?;
+            }
+            self.consumer
+                .store_offset_from_message(&msg)
+                .map_err(|e| ClientError::Kafka(e.to_string()))?;
+        }
     }
 }

@@ -124,7 +124,9 @@ pub(crate) async fn ensure_topics<'a>(
     tenant: &TenantId,
     event_types: impl IntoIterator<Item = &'a str>,
 ) -> AppResult<()> {
-    let topics = state.kafka.topic_set(tenant, event_types);
+    let mut topics = state.kafka.topic_set(tenant, event_types);
+    // The tenant's dead-letter topic, for the delivery engine and for direct consumers.
+    topics.insert(state.kafka.topics.dead_letters(tenant));
     state.kafka.admin.ensure(&topics).await.map_err(|e| {
         tracing::error!(%tenant, error = %e, "topic creation failed; declaration refused");
         AppError::Unavailable(format!("Kafka is unavailable, nothing was registered: {e}"))

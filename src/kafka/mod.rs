@@ -171,6 +171,7 @@ pub async fn reconcile_once(kafka: &Kafka, pool: &sqlx::PgPool) -> anyhow::Resul
         match (TenantId::parse(&tenant), EventType::parse(&event_type)) {
             (Ok(t), Ok(e)) => {
                 wanted.insert(kafka.topics.name(&t, &e));
+                wanted.insert(kafka.topics.dead_letters(&t));
             }
             _ => {
                 tracing::warn!(%tenant, %event_type, "registration cannot have a topic (invalid tenant id or event type)")

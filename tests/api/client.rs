@@ -109,3 +109,119 @@ async fn a_module_registers_with_the_client_and_publishes_directly_to_kafka() {
         .to_string();
     assert!(err.contains("400"), "{err}");
 }
+
+#[tokio::test]
+async fn a_direct_consumer_reads_every_tenant_commits_and_dead_letters_failures() {
+    use std::sync::{Arc, Mutex};
+
+    use mod_pubsub::client::DirectConsumer;
+
+    use crate::publish::{event, new_id};
+
+    let app = TestApp::spawn().await;
+    for tenant in ["diku", "other"] {
+        app.enable_tenant(tenant).await;
+        let d = descriptor("DIRECT_EVT", "x", 1);
+        assert_eq!(
+            app.post_json(tenant, "/pubsub/event-types", &d)
+                .await
+                .status(),
+            201
+        );
+        let r = app
+            .post_json(
+                tenant,
+                "/pubsub/event-types/declare/publisher",
+                &publisher("mod-pub-1.0.0", [d]),
+            )
+            .await;
+        assert_eq!(r.status(), 201);
+        let body = serde_json::json!({"moduleId": "mod-direct-1.0.0", "subscriptionDefinitions": [{"eventType": "DIRECT_EVT"}]});
+        assert_eq!(
+            app.post_json(tenant, "/pubsub/event-types/declare/subscriber", &body)
+                .await
+                .status(),
+            201
+        );
+    }
+    let mut sent = Vec::new();
+    for (tenant, payload) in [("diku", "ok-1"), ("other", "ok-2"), ("diku", "fail")] {
+        let id = new_id();
+        let r = app
+            .post_json(
+                tenant,
+                "/pubsub/publish",
+                &event(&id, "DIRECT_EVT", tenant, "mod-pub-1.0.0", payload),
+            )
+            .await;
+        assert_eq!(r.status(), 204);
+        sent.push((tenant, id));
+    }
+
+    let mut consumer = DirectConsumer::new(
+        &app.bootstrap(),
+        &app.env["ENV"],
+        "mod-direct",
+        None,
+        &["DIRECT_EVT"],
+    )
+    .unwrap();
+    consumer.retry_schedule = vec![Duration::from_millis(10), Duration::from_millis(10)];
+    let seen: Arc<Mutex<Vec<(String, String, String)>>> = Arc::default();
+    let attempts_on_fail = Arc::new(Mutex::new(0));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (seen2, fails2, stop2) = (seen.clone(), attempts_on_fail.clone(), stop.clone());
+    let task = tokio::spawn(async move {
+        consumer
+            .run(
+                move |e| {
+                    let (seen, fails) = (seen2.clone(), fails2.clone());
+                    async move {
+                        let payload = e.event.event_payload.clone().unwrap_or_default();
+                        if payload == "fail" {
+                            *fails.lock().unwrap() += 1;
+                            return Err("handler refused".to_owned());
+                        }
+                        seen.lock()
+                            .unwrap()
+                            .push((e.tenant, e.event.id.0.to_string(), payload));
+                        Ok(())
+                    }
+                },
+                stop2,
+            )
+            .await
+    });
+
+    let (bootstrap, dlq) = (
+        app.bootstrap(),
+        format!("{}.Default.diku.mod-pubsub.dead-letters", app.env["ENV"]),
+    );
+    let dead = tokio::task::spawn_blocking(move || {
+        crate::kafka_util::read_records(&bootstrap, &dlq, 1, Duration::from_secs(30))
+    })
+    .await
+    .unwrap();
+    assert_eq!(dead[0].value["id"], sent[2].1.as_str());
+    assert_eq!(dead[0].headers["pubsub.subscriber"], "mod-direct");
+    assert_eq!(dead[0].headers["pubsub.reason"], "handler refused");
+    assert_eq!(dead[0].headers["pubsub.attempts"], "3");
+    assert_eq!(*attempts_on_fail.lock().unwrap(), 3);
+    for _ in 0..300 {
+        if seen.lock().unwrap().len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut got = seen.lock().unwrap().clone();
+    got.sort();
+    let mut want = vec![
+        ("diku".to_owned(), sent[0].1.clone(), "ok-1".to_owned()),
+        ("other".to_owned(), sent[1].1.clone(), "ok-2".to_owned()),
+    ];
+    want.sort();
+    assert_eq!(got, want, "both tenants' events, once each");
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
