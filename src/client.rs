@@ -338,23 +338,13 @@ impl DirectConsumer {
         Fut: std::future::Future<Output = Result<(), String>>,
     {
         use rdkafka::consumer::Consumer;
-        use rdkafka::message::{Headers, Message};
+        use rdkafka::message::Message;
         loop {
             let msg = tokio::select! {
                 _ = stop.cancelled() => return Ok(()),
                 m = self.consumer.recv() => m.map_err(|e| ClientError::Kafka(e.to_string()))?,
             };
-            let mut headers = std::collections::HashMap::new();
-            if let Some(h) = msg.headers() {
-                for header in h.iter() {
-                    if let Some(v) = header.value {
-                        headers.insert(
-                            header.key.to_owned(),
-                            String::from_utf8_lossy(v).into_owned(),
-                        );
-                    }
-                }
-            }
+            let headers = crate::delivery::record_headers(&msg);
             let parsed = msg
                 .payload()
                 .map(serde_json::from_slice::<crate::event::Event>);

@@ -289,19 +289,7 @@ impl Engine {
             }
         }
         let audit = |state, attempt, error: Option<String>| {
-            AuditItem::Message(AuditRecord {
-                tenant: tenant.clone(),
-                event_id: event.id.0,
-                event_type: event.event_type.clone(),
-                correlation_id: event.event_metadata.correlation_id.clone(),
-                created_by: event.event_metadata.created_by.clone(),
-                published_by: event.event_metadata.published_by.clone(),
-                state,
-                error_message: error,
-                audit_date: Utc::now(),
-                subscriber: Some(sub.module_id.clone()),
-                attempt,
-            })
+            delivery_row(&tenant, &event, &sub.module_id, state, attempt, error)
         };
         self.audit
             .record(audit(AuditState::Received, None, None))
@@ -564,6 +552,30 @@ impl Engine {
     }
 }
 
+/// An audit row of a delivery to `subscriber`.
+fn delivery_row(
+    tenant: &TenantId,
+    event: &Event,
+    subscriber: &str,
+    state: AuditState,
+    attempt: Option<i32>,
+    error: Option<String>,
+) -> AuditItem {
+    AuditItem::Message(AuditRecord {
+        tenant: tenant.clone(),
+        event_id: event.id.0,
+        event_type: event.event_type.clone(),
+        correlation_id: event.event_metadata.correlation_id.clone(),
+        created_by: event.event_metadata.created_by.clone(),
+        published_by: event.event_metadata.published_by.clone(),
+        state,
+        error_message: error,
+        audit_date: Utc::now(),
+        subscriber: Some(subscriber.to_owned()),
+        attempt,
+    })
+}
+
 const LAG_EVERY: Duration = Duration::from_secs(10);
 
 /// Records behind on the partitions this consumer holds (blocking: broker round trips).
@@ -593,7 +605,7 @@ struct Failure {
     retry_after: Option<Duration>,
 }
 
-fn record_headers<M: Message>(msg: &M) -> HashMap<String, String> {
+pub(crate) fn record_headers<M: Message>(msg: &M) -> HashMap<String, String> {
     let mut out = HashMap::new();
     if let Some(h) = msg.headers() {
         for header in h.iter() {

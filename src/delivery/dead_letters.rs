@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use utoipa::ToSchema;
 
 use super::Engine;
-use crate::audit::{AuditItem, AuditRecord, AuditState};
+use crate::audit::AuditState;
 use crate::domain::TenantId;
 use crate::event::Event;
 
@@ -201,19 +201,14 @@ impl Engine {
             ),
         };
         self.audit
-            .record(AuditItem::Message(AuditRecord {
-                tenant: tenant.clone(),
-                event_id: event.id.0,
-                event_type: event.event_type.clone(),
-                correlation_id: event.event_metadata.correlation_id.clone(),
-                created_by: event.event_metadata.created_by.clone(),
-                published_by: event.event_metadata.published_by.clone(),
+            .record(super::delivery_row(
+                tenant,
+                &event,
+                &sub.module_id,
                 state,
-                error_message: error,
-                audit_date: Utc::now(),
-                subscriber: Some(sub.module_id.clone()),
-                attempt: Some(attempt),
-            }))
+                Some(attempt),
+                error,
+            ))
             .await;
         result
     }
