@@ -120,22 +120,7 @@ async fn a_direct_consumer_reads_every_tenant_commits_and_dead_letters_failures(
 
     let app = TestApp::spawn().await;
     for tenant in ["diku", "other"] {
-        app.enable_tenant(tenant).await;
-        let d = descriptor("DIRECT_EVT", "x", 1);
-        assert_eq!(
-            app.post_json(tenant, "/pubsub/event-types", &d)
-                .await
-                .status(),
-            201
-        );
-        let r = app
-            .post_json(
-                tenant,
-                "/pubsub/event-types/declare/publisher",
-                &publisher("mod-pub-1.0.0", [d]),
-            )
-            .await;
-        assert_eq!(r.status(), 201);
+        crate::publish::register_publisher(&app, tenant, "DIRECT_EVT", "mod-pub-1.0.0").await;
         let body = serde_json::json!({"moduleId": "mod-direct-1.0.0", "subscriptionDefinitions": [{"eventType": "DIRECT_EVT"}]});
         assert_eq!(
             app.post_json(tenant, "/pubsub/event-types/declare/subscriber", &body)
