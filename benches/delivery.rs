@@ -81,21 +81,21 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 /// A one-at-a-time consumer that POSTs every record to `url` and stores its offset (committed
 /// every 500 ms, as the engine does).
 async fn bare_loop(topic: &str, url: &str, n: usize) {
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
-        .set("group.id", format!("bare-{}", uuid::Uuid::new_v4()))
-        // The engine's consumer settings.
-        .set("enable.auto.commit", "true")
-        .set("auto.commit.interval.ms", "500")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set(
-            "fetch.wait.max.ms",
-            common::env_or("DELIVERY_FETCH_WAIT_MS", "20"),
-        )
-        .set("queued.max.messages.kbytes", "16384")
-        .create()
-        .unwrap();
+    // The engine's consumer settings.
+    let fetch_wait = Duration::from_millis(
+        common::env_or("DELIVERY_FETCH_WAIT_MS", "20")
+            .parse()
+            .unwrap(),
+    );
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", bootstrap());
+    let consumer: StreamConsumer = mod_pubsub::kafka::at_least_once_consumer(
+        &mut cfg,
+        &format!("bare-{}", uuid::Uuid::new_v4()),
+        fetch_wait,
+    )
+    .create()
+    .unwrap();
     consumer.subscribe(&[topic]).unwrap();
     let http = reqwest::Client::new();
     for _ in 0..n {

@@ -34,6 +34,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::domain::{EventType, TenantId};
+use crate::kafka::{at_least_once_consumer, idempotent_producer, Topics};
 
 /// Why a client call failed.
 #[derive(Debug, thiserror::Error)]
@@ -169,8 +170,7 @@ impl Registrar {
 /// Publishes events straight to Kafka, as `POST /pubsub/publish` would.
 pub struct DirectPublisher {
     producer: FutureProducer,
-    env: String,
-    namespace: String,
+    topics: Topics,
     tenant: TenantId,
     timeout: Duration,
 }
@@ -179,17 +179,12 @@ impl DirectPublisher {
     /// `bootstrap`: Kafka's bootstrap servers; `env`: the `ENV` pubsub runs with.
     pub fn new(bootstrap: &str, env: &str, tenant: &str) -> Result<Self, ClientError> {
         let tenant = TenantId::parse(tenant).map_err(|e| ClientError::Invalid(e.0))?;
-        let producer = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "0")
+        let producer = idempotent_producer(ClientConfig::new().set("bootstrap.servers", bootstrap))
             .create()
             .map_err(|e| ClientError::Kafka(e.to_string()))?;
         Ok(DirectPublisher {
             producer,
-            env: env.to_owned(),
-            namespace: "Default".to_owned(),
+            topics: Topics::with_defaults(env),
             tenant,
             timeout: Duration::from_secs(10),
         })
@@ -199,10 +194,7 @@ impl DirectPublisher {
     pub fn topic(&self, event_type: &str) -> Result<String, ClientError> {
         let t = EventType::parse(event_type)
             .map_err(|e| ClientError::Invalid(format!("eventType: {}", e.0)))?;
-        Ok(format!(
-            "{}.{}.{}.{}",
-            self.env, self.namespace, self.tenant, t
-        ))
+        Ok(self.topics.name(&self.tenant, &t).to_string())
     }
 
     /// Publishes one event and waits for Kafka's acknowledgement; returns the event id. `key`
@@ -265,7 +257,7 @@ pub struct ReceivedEvent {
 pub struct DirectConsumer {
     consumer: rdkafka::consumer::StreamConsumer,
     producer: FutureProducer,
-    env: String,
+    topics: Topics,
     module: String,
     pub retry_schedule: Vec<Duration>,
 }
@@ -281,43 +273,40 @@ impl DirectConsumer {
         event_types: &[&str],
     ) -> Result<Self, ClientError> {
         use rdkafka::consumer::Consumer;
+        let naming = Topics::with_defaults(env);
+        let tenant = tenant
+            .map(|t| TenantId::parse(t).map_err(|e| ClientError::Invalid(e.0)))
+            .transpose()?;
         let mut topics = Vec::new();
         for t in event_types {
             let e = EventType::parse(t)
                 .map_err(|e| ClientError::Invalid(format!("eventType: {}", e.0)))?;
-            topics.push(match tenant {
-                Some(tenant) => {
-                    let tenant = TenantId::parse(tenant).map_err(|e| ClientError::Invalid(e.0))?;
-                    format!("{env}.Default.{tenant}.{e}")
-                }
-                None => format!("^{env}\\.Default\\.[a-z][a-z0-9_]*\\.{e}$"),
+            topics.push(match &tenant {
+                Some(tenant) => naming.name(tenant, &e).to_string(),
+                None => naming.all_tenants_pattern(&e),
             });
         }
-        let consumer: rdkafka::consumer::StreamConsumer = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap)
-            .set("group.id", format!("{env}.{module}"))
-            .set("enable.auto.commit", "true")
-            .set("auto.commit.interval.ms", "500")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("fetch.wait.max.ms", "20")
-            .set("topic.metadata.refresh.interval.ms", "5000")
-            .create()
-            .map_err(|e| ClientError::Kafka(e.to_string()))?;
+        let mut cfg = ClientConfig::new();
+        cfg.set("bootstrap.servers", bootstrap);
+        let consumer: rdkafka::consumer::StreamConsumer = at_least_once_consumer(
+            &mut cfg,
+            &format!("{env}.{module}"),
+            Duration::from_millis(20),
+        )
+        .set("topic.metadata.refresh.interval.ms", "5000")
+        .create()
+        .map_err(|e| ClientError::Kafka(e.to_string()))?;
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer
             .subscribe(&names)
             .map_err(|e| ClientError::Kafka(e.to_string()))?;
-        let producer = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
+        let producer = idempotent_producer(ClientConfig::new().set("bootstrap.servers", bootstrap))
             .create()
             .map_err(|e| ClientError::Kafka(e.to_string()))?;
         Ok(DirectConsumer {
             consumer,
             producer,
-            env: env.to_owned(),
+            topics: naming,
             module: module.to_owned(),
             retry_schedule: vec![
                 Duration::from_secs(1),
@@ -393,7 +382,13 @@ impl DirectConsumer {
                     .cloned()
                     .or_else(|| msg.topic().split('.').nth(2).map(str::to_owned))
                     .unwrap_or_default();
-                let dlq = format!("{}.Default.{tenant}.mod-pubsub.dead-letters", self.env);
+                let tenant = TenantId::parse(&tenant).map_err(|e| {
+                    ClientError::Invalid(format!(
+                        "record without a valid tenant ({tenant}): {}",
+                        e.0
+                    ))
+                })?;
+                let dlq = self.topics.dead_letters(&tenant).to_string();
                 let (partition, offset, attempts) = (
                     msg.partition().to_string(),
                     msg.offset().to_string(),

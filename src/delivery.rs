@@ -83,15 +83,26 @@ impl Engine {
     /// module name → topics it needs, from the registrations.
     fn desired(&self) -> HashMap<String, BTreeSet<String>> {
         let mut out: HashMap<String, BTreeSet<String>> = HashMap::new();
-        for (tenant, event_type, sub) in self.registry.all_subscriptions() {
-            let (Ok(t), Ok(e)) = (TenantId::parse(&tenant), EventType::parse(&event_type)) else {
-                continue;
-            };
-            out.entry(sub.module_name().to_owned())
-                .or_default()
-                .insert(self.kafka.topics.name(&t, &e).to_string());
+        for (_, module, topic) in self.subscription_topics() {
+            out.entry(module).or_default().insert(topic);
         }
         out
+    }
+
+    /// (tenant, subscriber module name, topic) of every pushed-to subscription.
+    fn subscription_topics(&self) -> Vec<(TenantId, String, String)> {
+        self.registry
+            .all_subscriptions()
+            .into_iter()
+            .filter_map(|(tenant, event_type, sub)| {
+                let (t, e) = (
+                    TenantId::parse(&tenant).ok()?,
+                    EventType::parse(&event_type).ok()?,
+                );
+                let topic = self.kafka.topics.name(&t, &e).to_string();
+                Some((t, sub.module_name().to_owned(), topic))
+            })
+            .collect()
     }
 
     /// Runs until `stop`: keeps one worker per subscriber module, following registrations.
@@ -149,33 +160,26 @@ impl Engine {
         }
     }
 
+    /// The consumer group of a subscriber module.
+    fn group(&self, module: &str) -> String {
+        format!("{}.mod-pubsub.{module}", self.config.env)
+    }
+
     fn consumer(&self, module: &str) -> anyhow::Result<StreamConsumer> {
         let retry_total: Duration = self.config.delivery.retry_schedule.iter().sum::<Duration>()
             + self.config.delivery.timeout * (self.config.delivery.retry_schedule.len() as u32 + 1);
         let max_poll = (retry_total * 2)
             .max(Duration::from_secs(300))
             .min(Duration::from_secs(86_400));
-        let consumer: StreamConsumer = crate::kafka::client_config(&self.config.kafka)
-            .set(
-                "group.id",
-                format!("{}.mod-pubsub.{module}", self.config.env),
-            )
-            // Offsets are stored by hand once an event's outcome is final; librdkafka commits the
-            // stored offsets every 500 ms (and on shutdown): a crash repeats at most the events
-            // finished in the last half second, never skips one.
-            .set("enable.auto.commit", "true")
-            .set("auto.commit.interval.ms", "500")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set(
-                "fetch.wait.max.ms",
-                self.config.delivery.fetch_wait.as_millis().to_string(),
-            )
-            // Prefetch at most 16 MiB per consumer (librdkafka's default is 64 MiB).
-            .set("queued.max.messages.kbytes", "16384")
-            .set("topic.metadata.refresh.interval.ms", "10000")
-            .set("max.poll.interval.ms", max_poll.as_millis().to_string())
-            .create()?;
+        let mut cfg = crate::kafka::client_config(&self.config.kafka);
+        let consumer: StreamConsumer = crate::kafka::at_least_once_consumer(
+            &mut cfg,
+            &self.group(module),
+            self.config.delivery.fetch_wait,
+        )
+        .set("topic.metadata.refresh.interval.ms", "10000")
+        .set("max.poll.interval.ms", max_poll.as_millis().to_string())
+        .create()?;
         Ok(consumer)
     }
 
@@ -200,7 +204,7 @@ impl Engine {
             tracing::info!(%module, topics = ?names, "delivery consumer subscribed");
         };
         subscribe(&topics.borrow_and_update());
-        let group = format!("{}.mod-pubsub.{module}", self.config.env);
+        let group = self.group(&module);
         let mut lag_tick = tokio::time::interval(LAG_EVERY);
         loop {
             tokio::select! {

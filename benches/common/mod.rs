@@ -199,13 +199,11 @@ pub fn payload() -> String {
 
 /// The service's producer settings (src/kafka/producer.rs).
 pub fn raw_producer() -> FutureProducer {
-    ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "0")
-        .create()
-        .expect("producer")
+    mod_pubsub::kafka::idempotent_producer(
+        ClientConfig::new().set("bootstrap.servers", bootstrap()),
+    )
+    .create()
+    .expect("producer")
 }
 
 /// An Event envelope as the service writes it.

@@ -215,12 +215,10 @@ impl Engine {
 
     /// The topics `module` subscribes to in `tenant`.
     pub fn subscribed_topics(&self, tenant: &TenantId, module: &str) -> BTreeSet<String> {
-        self.registry
-            .all_subscriptions()
+        self.subscription_topics()
             .into_iter()
-            .filter(|(t, _, sub)| t == tenant.as_str() && sub.module_name() == module)
-            .filter_map(|(_, e, _)| crate::domain::EventType::parse(&e).ok())
-            .map(|e| self.kafka.topics.name(tenant, &e).to_string())
+            .filter(|(t, m, _)| t == tenant && m == module)
+            .map(|(_, _, topic)| topic)
             .collect()
     }
 

@@ -49,6 +49,16 @@ impl Topics {
         }
     }
 
+    /// Names as folio-kafka-wrapper makes them by default: namespace `Default`, no tenant
+    /// collection (for clients that know only `ENV`).
+    pub fn with_defaults(env: &str) -> Self {
+        Topics {
+            env: env.to_owned(),
+            namespace: "Default".to_owned(),
+            tenant_collection: None,
+        }
+    }
+
     pub fn name(&self, tenant: &TenantId, event_type: &EventType) -> TopicName {
         let qualifier = self.tenant_collection.as_deref().unwrap_or(tenant.as_str());
         TopicName(format!(
@@ -75,6 +85,36 @@ impl Topics {
             self.env, self.namespace, event_type
         )
     }
+}
+
+/// The settings of every producer of events (the service's, the client's, the benches'):
+/// idempotent, acknowledged by all in-sync replicas, sent at once (see
+/// [`producer::EventProducer`] for why).
+pub fn idempotent_producer(cfg: &mut ClientConfig) -> &mut ClientConfig {
+    cfg.set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "0")
+}
+
+/// The settings of every at-least-once consumer (the delivery engine's, the client's, the
+/// bare loop of the delivery bench): offsets are stored by hand once an event's outcome is
+/// final and librdkafka commits the stored offsets every 500 ms (and on close), so a crash
+/// repeats at most the events finished in the last half second and never skips one; a new
+/// group starts at the earliest offset; an idle fetch waits at most `fetch_wait` (brokers that
+/// hold every fetch to that maximum, like tansu, add it to each event's latency); at most
+/// 16 MiB are prefetched (librdkafka's default is 64 MiB).
+pub fn at_least_once_consumer<'a>(
+    cfg: &'a mut ClientConfig,
+    group: &str,
+    fetch_wait: std::time::Duration,
+) -> &'a mut ClientConfig {
+    cfg.set("group.id", group)
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "500")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", fetch_wait.as_millis().to_string())
+        .set("queued.max.messages.kbytes", "16384")
 }
 
 /// Base librdkafka configuration: bootstrap servers and the security properties.

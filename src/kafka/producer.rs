@@ -64,10 +64,7 @@ impl EventProducer {
     }
 
     fn build(kafka: &KafkaConfig, max_request_size: usize) -> Result<FutureProducer, KafkaError> {
-        client_config(kafka)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "0")
+        super::idempotent_producer(&mut client_config(kafka))
             .set(
                 "message.timeout.ms",
                 kafka.publish_timeout.as_millis().to_string(),
