@@ -76,7 +76,6 @@ impl From<Vec<ErrorItem>> for Errors {
 pub mod codes {
     pub const NOT_NULL: &str = "javax.validation.constraints.NotNull.message";
     pub const PATTERN: &str = "javax.validation.constraints.Pattern.message";
-    pub const MIN: &str = "javax.validation.constraints.Min.message";
     pub const UNRECOGNIZED: &str = "-1";
     pub const INVALID_VALUE: &str = "-1";
     pub const DUPLICATE: &str = "-1";

@@ -143,11 +143,11 @@ impl RegistryCache {
         .bind(tenant)
         .fetch_all(pool)
         .await?;
-        let enabled: bool =
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
-                .bind(format!("{tenant}_mod_pubsub"))
-                .fetch_one(pool)
-                .await?;
+        // A name that is no tenant id has no schema (and is not put into one).
+        let enabled = match TenantId::parse(tenant) {
+            Ok(t) => crate::db::tenants::schema_exists(pool, &t).await?,
+            Err(_) => false,
+        };
         let mut views = HashMap::new();
         views.insert(
             tenant.to_owned(),

@@ -7,17 +7,27 @@ use crate::helpers::*;
 use crate::kafka_util::{partitions, OwnBroker};
 use crate::publish::{event, new_id, register_publisher};
 
+/// The service on a fresh database, talking to `broker`, with `extra` settings.
+async fn app_on(broker: &OwnBroker, extra: &[(&str, &str)]) -> TestApp {
+    let db = TestDb::create().await;
+    let mut settings: Vec<(String, String)> = vec![
+        ("KAFKA_HOST".into(), "127.0.0.1".into()),
+        ("KAFKA_PORT".into(), broker.port.to_string()),
+    ];
+    settings.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    TestApp::spawn_on(db, move |e| e.extend(settings)).await
+}
+
 #[tokio::test]
 async fn broker_down_then_back() {
     let mut broker = OwnBroker::start();
-    let db = TestDb::create().await;
-    let port = broker.port.to_string();
-    let app = TestApp::spawn_on(db, move |e| {
-        e.insert("KAFKA_HOST".into(), "127.0.0.1".into());
-        e.insert("KAFKA_PORT".into(), port);
-        e.insert("KAFKA_PUBLISH_TIMEOUT_MS".into(), "2000".into());
-        e.insert("KAFKA_ADMIN_TIMEOUT_MS".into(), "2000".into());
-    })
+    let app = app_on(
+        &broker,
+        &[
+            ("KAFKA_PUBLISH_TIMEOUT_MS", "2000"),
+            ("KAFKA_ADMIN_TIMEOUT_MS", "2000"),
+        ],
+    )
     .await;
     register_publisher(&app, "diku", "OUTAGE", "m-1.0.0").await;
     assert_eq!(
@@ -131,13 +141,7 @@ async fn broker_down_then_back() {
 #[tokio::test]
 async fn start_up_recreates_the_topics_of_a_wiped_broker() {
     let mut broker = OwnBroker::start();
-    let db = TestDb::create().await;
-    let port = broker.port.to_string();
-    let app = TestApp::spawn_on(db, move |e| {
-        e.insert("KAFKA_HOST".into(), "127.0.0.1".into());
-        e.insert("KAFKA_PORT".into(), port);
-    })
-    .await;
+    let app = app_on(&broker, &[]).await;
     app.enable_tenant("diku").await;
     let r = app
         .post_json(
