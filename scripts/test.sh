@@ -13,6 +13,15 @@ ensure_services
 # The Kafka-outage tests start and stop brokers of their own: they need the binary (TANSU_BIN).
 ensure_tansu_binary
 
+# The client library must build on its own, without the server's dependencies.
+log "cargo check --locked --lib --no-default-features --features client"
+cargo check --locked --lib --no-default-features --features client
+server_crates="$(cargo tree --locked --no-default-features --features client -e normal --prefix none \
+  | grep -E '^(axum|sqlx|utoipa|prometheus-client|clap) ' || true)"
+if [[ -n "${server_crates}" ]]; then
+  die "the client feature pulls in server crates: ${server_crates}"
+fi
+
 drop_test_databases
 log "cargo test --locked --lib --bins --tests $*"
 status=0

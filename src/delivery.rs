@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::Timestamp;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -491,26 +491,14 @@ impl Engine {
         stop: &CancellationToken,
     ) -> bool {
         let topic = self.kafka.topics.dead_letters(tenant);
-        let (partition, offset, at) = (
-            msg.partition().to_string(),
-            msg.offset().to_string(),
-            Utc::now().to_rfc3339(),
+        let out = crate::kafka::dead_letter_headers(
+            headers,
+            subscriber,
+            reason,
+            attempts.max(0) as u32,
+            (msg.topic(), msg.partition(), msg.offset()),
         );
-        let attempts = attempts.to_string();
-        let mut out: Vec<(&str, &str)> = headers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        out.retain(|(k, _)| !k.starts_with("pubsub."));
-        out.extend([
-            ("pubsub.subscriber", subscriber),
-            ("pubsub.reason", reason),
-            ("pubsub.attempts", attempts.as_str()),
-            ("pubsub.original-topic", msg.topic()),
-            ("pubsub.original-partition", partition.as_str()),
-            ("pubsub.original-offset", offset.as_str()),
-            ("pubsub.dead-lettered-at", at.as_str()),
-        ]);
+        let out: Vec<(&str, &str)> = out.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let key = msg
             .key()
             .map(|k| String::from_utf8_lossy(k).into_owned())
@@ -609,20 +597,7 @@ struct Failure {
     retry_after: Option<Duration>,
 }
 
-pub(crate) fn record_headers<M: Message>(msg: &M) -> HashMap<String, String> {
-    let mut out = HashMap::new();
-    if let Some(h) = msg.headers() {
-        for header in h.iter() {
-            if let Some(v) = header.value {
-                out.insert(
-                    header.key.to_owned(),
-                    String::from_utf8_lossy(v).into_owned(),
-                );
-            }
-        }
-    }
-    out
-}
+pub(crate) use crate::kafka::record_headers;
 
 /// ±20 % around `base`.
 fn jitter(base: Duration) -> Duration {

@@ -216,11 +216,13 @@ impl<'de> Deserialize<'de> for FolioUuid {
 }
 
 /// The role of a messaging-module registration.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type, utoipa::ToSchema,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(sqlx::Type, utoipa::ToSchema))]
 #[serde(rename_all = "UPPERCASE")]
-#[sqlx(type_name = "pubsub_config.module_role_enum", rename_all = "UPPERCASE")]
+#[cfg_attr(
+    feature = "server",
+    sqlx(type_name = "pubsub_config.module_role_enum", rename_all = "UPPERCASE")
+)]
 pub enum ModuleRole {
     Publisher,
     Subscriber,

@@ -1,19 +1,18 @@
 //! The Event envelope, as mod-pubsub's `event.json` and folio-kafka-wrapper define it: the JSON
 //! value of every record on an event topic.
 
+use crate::domain::{EventType, FolioUuid};
+use crate::lenient;
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 
-use crate::domain::FolioUuid;
-use crate::http::extract::lenient;
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Event {
-    #[schema(value_type = String, format = Uuid)]
+    #[cfg_attr(feature = "server", schema(value_type = String, format = Uuid))]
     pub id: FolioUuid,
-    #[serde(deserialize_with = "crate::http::event_types::event_type")]
-    #[schema(pattern = "^[A-Za-z0-9_-]{1,100}$")]
+    #[serde(deserialize_with = "event_type")]
+    #[cfg_attr(feature = "server", schema(pattern = "^[A-Za-z0-9_-]{1,100}$"))]
     pub event_type: String,
     pub event_metadata: EventMetadata,
     /// Opaque text, usually JSON-encoded; delivered to subscribers as the request body.
@@ -21,7 +20,8 @@ pub struct Event {
     pub event_payload: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EventMetadata {
     pub tenant_id: String,
@@ -30,7 +30,7 @@ pub struct EventMetadata {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub correlation_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<String>, format = Uuid)]
+    #[cfg_attr(feature = "server", schema(value_type = Option<String>, format = Uuid))]
     pub original_event_id: Option<FolioUuid>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub publisher_callback: Option<PublisherCallback>,
@@ -39,14 +39,14 @@ pub struct EventMetadata {
         skip_serializing_if = "Option::is_none",
         deserialize_with = "date_time"
     )]
-    #[schema(format = DateTime)]
+    #[cfg_attr(feature = "server", schema(format = DateTime))]
     pub created_date: Option<String>,
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
         deserialize_with = "date_time"
     )]
-    #[schema(format = DateTime)]
+    #[cfg_attr(feature = "server", schema(format = DateTime))]
     pub published_date: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_by: Option<String>,
@@ -55,7 +55,8 @@ pub struct EventMetadata {
 }
 
 /// `publisherCallback`; this sub-object allows other properties, which are kept.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct PublisherCallback {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -64,6 +65,14 @@ pub struct PublisherCallback {
     pub event_type: Option<String>,
     #[serde(flatten)]
     pub other: serde_json::Map<String, serde_json::Value>,
+}
+
+/// An event type, checked by [`EventType::parse`] and kept as text.
+pub(crate) fn event_type<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let raw = String::deserialize(d)?;
+    EventType::parse(&raw)
+        .map(|t| t.as_str().to_owned())
+        .map_err(serde::de::Error::custom)
 }
 
 /// A date-time as FOLIO writes them: ISO-8601 with an offset (`Z`, `+00:00` or `+0000`),

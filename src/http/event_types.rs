@@ -47,12 +47,7 @@ pub struct EventDescriptor {
     pub tmp: bool,
 }
 
-pub(crate) fn event_type<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    let raw = String::deserialize(d)?;
-    EventType::parse(&raw)
-        .map(|t| t.as_str().to_owned())
-        .map_err(serde::de::Error::custom)
-}
+pub(crate) use crate::event::event_type;
 
 impl From<EventDescriptor> for StoredDescriptor {
     fn from(d: EventDescriptor) -> Self {

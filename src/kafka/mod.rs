@@ -4,13 +4,16 @@
 //! folio-kafka-wrapper names them, so Java modules on that library, this service and the
 //! direct-Kafka clients of this crate share topics.
 
+#[cfg(feature = "server")]
 pub mod admin;
+#[cfg(feature = "server")]
 pub mod producer;
 
 use std::fmt;
 
 use rdkafka::ClientConfig;
 
+#[cfg(feature = "server")]
 use crate::config::KafkaConfig;
 use crate::domain::{EventType, TenantId};
 
@@ -41,6 +44,7 @@ pub struct Topics {
 }
 
 impl Topics {
+    #[cfg(feature = "server")]
     pub fn new(env: &str, kafka: &KafkaConfig) -> Self {
         Topics {
             env: env.to_owned(),
@@ -117,7 +121,56 @@ pub fn at_least_once_consumer<'a>(
         .set("queued.max.messages.kbytes", "16384")
 }
 
+/// A record's headers as text (values that are not UTF-8 are converted lossily).
+pub fn record_headers<M: rdkafka::message::Message>(
+    msg: &M,
+) -> std::collections::HashMap<String, String> {
+    use rdkafka::message::Headers;
+    let mut out = std::collections::HashMap::new();
+    if let Some(h) = msg.headers() {
+        for header in h.iter() {
+            if let Some(v) = header.value {
+                out.insert(
+                    header.key.to_owned(),
+                    String::from_utf8_lossy(v).into_owned(),
+                );
+            }
+        }
+    }
+    out
+}
+
+/// The headers of a record written to a dead-letter topic: the original record's headers (but
+/// earlier `pubsub.*` ones) and where and why it failed. The dead-letter endpoints read these.
+pub fn dead_letter_headers(
+    original: &std::collections::HashMap<String, String>,
+    subscriber: &str,
+    reason: &str,
+    attempts: u32,
+    (topic, partition, offset): (&str, i32, i64),
+) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = original
+        .iter()
+        .filter(|(k, _)| !k.starts_with("pubsub."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    out.extend(
+        [
+            ("pubsub.subscriber", subscriber.to_owned()),
+            ("pubsub.reason", reason.to_owned()),
+            ("pubsub.attempts", attempts.to_string()),
+            ("pubsub.original-topic", topic.to_owned()),
+            ("pubsub.original-partition", partition.to_string()),
+            ("pubsub.original-offset", offset.to_string()),
+            ("pubsub.dead-lettered-at", chrono::Utc::now().to_rfc3339()),
+        ]
+        .map(|(k, v)| (k.to_owned(), v)),
+    );
+    out
+}
+
 /// Base librdkafka configuration: bootstrap servers and the security properties.
+#[cfg(feature = "server")]
 pub fn client_config(kafka: &KafkaConfig) -> ClientConfig {
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", &kafka.bootstrap_servers);
@@ -129,6 +182,7 @@ pub fn client_config(kafka: &KafkaConfig) -> ClientConfig {
 }
 
 /// What the service holds of Kafka.
+#[cfg(feature = "server")]
 pub struct Kafka {
     pub topics: Topics,
     pub admin: admin::TopicAdmin,
@@ -137,6 +191,7 @@ pub struct Kafka {
     pub reconcile_now: tokio::sync::Notify,
 }
 
+#[cfg(feature = "server")]
 impl Kafka {
     /// Creates the clients (they connect lazily).
     pub fn new(config: &crate::Config) -> Result<Self, rdkafka::error::KafkaError> {
@@ -162,11 +217,15 @@ impl Kafka {
     }
 }
 
+#[cfg(feature = "server")]
 const RECONCILE_EVERY: std::time::Duration = std::time::Duration::from_secs(300);
+#[cfg(feature = "server")]
 const RECONCILE_RETRY: std::time::Duration = std::time::Duration::from_secs(10);
 /// Requested passes run at most this often.
+#[cfg(feature = "server")]
 const RECONCILE_MIN_GAP: std::time::Duration = std::time::Duration::from_secs(2);
 
+#[cfg(feature = "server")]
 /// Makes sure every registered (tenant, event type) has its topic: at start-up, every five
 /// minutes, and when a publish failed (at most every 2 s), so that a wiped broker heals without a
 /// restart. Retries every 10 s while Kafka is unreachable.
@@ -200,6 +259,7 @@ pub async fn reconcile_loop(
 }
 
 /// One pass; returns the number of registered topics.
+#[cfg(feature = "server")]
 pub async fn reconcile_once(kafka: &Kafka, pool: &sqlx::PgPool) -> anyhow::Result<usize> {
     let rows: Vec<(String, String)> = sqlx::query_as(
         "SELECT DISTINCT tenant_id, event_type_id FROM pubsub_config.messaging_module",
@@ -233,7 +293,7 @@ pub async fn reconcile_once(kafka: &Kafka, pool: &sqlx::PgPool) -> anyhow::Resul
     Ok(wanted.len())
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "server"))]
 mod tests {
     use super::*;
     use std::collections::HashMap;

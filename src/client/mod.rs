@@ -1,0 +1,232 @@
+//! The direct-Kafka client: modules register through pubsub's REST API (which creates the
+//! topics) and then publish to and consume from Kafka directly, with exactly the topic names,
+//! envelope, key and headers of the HTTP publish path, so Java modules on folio-kafka-wrapper,
+//! pubsub's delivery engine and these clients all share the same topics.
+//!
+//! Use it without the server's dependencies:
+//!
+//! ```toml
+//! [dependencies]
+//! mod-pubsub = { git = "…", default-features = false, features = ["client"] }
+//! ```
+//!
+//! # Registering
+//!
+//! [`Registrar`] registers a module's `MessagingDescriptor.json` at tenant init, in the Java
+//! client's order; pubsub creates the topics (and the tenant's dead-letter topic).
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), mod_pubsub::client::ClientError> {
+//! use mod_pubsub::client::{MessagingDescriptor, Registrar};
+//!
+//! let descriptor = MessagingDescriptor::from_file("MessagingDescriptor.json".as_ref())?;
+//! let registrar = Registrar::new("http://okapi:9130", "diku", Some("okapi-token".into()));
+//! registrar.register("mod-circulation-24.0.0", &descriptor).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! A subscription without `callbackAddress` declares a *direct consumer*: pubsub records it (so
+//! `GET /pubsub/messaging-modules` shows who consumes what) and creates its topic, but never
+//! pushes to it.
+//!
+//! # Publishing
+//!
+//! [`DirectPublisher`] awaits Kafka's acknowledgement of every event; [`DirectPublisher::send_batch`]
+//! sends many at once and awaits them together.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), mod_pubsub::client::ClientError> {
+//! use mod_pubsub::client::{DirectPublisher, OutgoingEvent};
+//!
+//! let publisher = DirectPublisher::new("kafka:9092", "folio", "diku")?;
+//! let payload = serde_json::json!({"loanId": "…"}).to_string();
+//! let id = publisher
+//!     .publish("ITEM_CHECKED_OUT", "mod-circulation-24.0.0", &payload, None)
+//!     .await?;
+//!
+//! let batch: Vec<OutgoingEvent> = (0..100)
+//!     .map(|i| {
+//!         OutgoingEvent::new("DI_COMPLETED", "mod-inventory-20.0.0", format!("{{\"n\":{i}}}"))
+//!             .key("job-42")
+//!             .correlation_id("job-42")
+//!     })
+//!     .collect();
+//! for result in publisher.send_batch(&batch).await {
+//!     result?;
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! # Consuming
+//!
+//! [`DirectConsumer`] consumes event types of one tenant or of every tenant with an async
+//! handler: up to [`ConsumerOptions::max_in_flight`] records at once (events with the same key
+//! one after another), pausing the partitions when that many are in flight and resuming below
+//! [`ConsumerOptions::resume_below`]; an offset is committed only when every record before it
+//! is finished; a failing handler is retried after the waits of
+//! [`ConsumerOptions::retry_schedule`], then the record goes to the tenant's dead-letter topic.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), mod_pubsub::client::ClientError> {
+//! use mod_pubsub::client::{ConsumerOptions, DirectConsumer};
+//! use tokio_util::sync::CancellationToken;
+//!
+//! let options = ConsumerOptions { max_in_flight: 32, ..ConsumerOptions::default() };
+//! let consumer = DirectConsumer::with_options(
+//!     "kafka:9092", "folio", "mod-patron-blocks", None, &["ITEM_CHECKED_OUT"], options,
+//! )?;
+//! let stop = CancellationToken::new();
+//! consumer
+//!     .run(
+//!         |received| async move {
+//!             println!("{} {}", received.tenant, received.event.id.0);
+//!             Ok::<(), String>(())
+//!         },
+//!         stop,
+//!     )
+//!     .await?;
+//! # Ok(()) }
+//! ```
+
+mod consumer;
+mod publisher;
+
+pub use consumer::{ConsumerOptions, ConsumerStats, DirectConsumer, ReceivedEvent};
+pub use publisher::{DirectPublisher, OutgoingEvent};
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+/// Why a client call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("invalid messaging descriptor: {0}")]
+    Descriptor(String),
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    #[error("pubsub answered {status} to {call}: {body}")]
+    Refused {
+        call: String,
+        status: u16,
+        body: String,
+    },
+    #[error("pubsub did not answer {call}: {source}")]
+    Transport {
+        call: String,
+        source: reqwest::Error,
+    },
+    #[error("Kafka: {0}")]
+    Kafka(String),
+}
+
+/// A module's `MessagingDescriptor.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessagingDescriptor {
+    pub publications: Vec<serde_json::Value>,
+    pub subscriptions: Vec<Subscription>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Subscription {
+    pub event_type: String,
+    /// Absent: the module consumes the topic directly; pubsub never pushes to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_address: Option<String>,
+}
+
+impl MessagingDescriptor {
+    pub fn from_file(path: &Path) -> Result<Self, ClientError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ClientError::Descriptor(format!("{}: {e}", path.display())))?;
+        serde_json::from_str(&text)
+            .map_err(|e| ClientError::Descriptor(format!("{}: {e}", path.display())))
+    }
+}
+
+/// Registers modules through pubsub's REST API (through Okapi).
+pub struct Registrar {
+    http: reqwest::Client,
+    base: String,
+    tenant: String,
+    token: Option<String>,
+}
+
+impl Registrar {
+    pub fn new(okapi_url: &str, tenant: &str, token: Option<String>) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("HTTP client");
+        Registrar {
+            http,
+            base: okapi_url.trim_end_matches('/').to_owned(),
+            tenant: tenant.to_owned(),
+            token,
+        }
+    }
+
+    async fn post(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+        expect: u16,
+    ) -> Result<(), ClientError> {
+        let call = format!("POST {path}");
+        let mut r = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header("X-Okapi-Tenant", &self.tenant)
+            .header("X-Okapi-Url", &self.base)
+            .json(body);
+        if let Some(t) = &self.token {
+            r = r.header("X-Okapi-Token", t);
+        }
+        let resp = r.send().await.map_err(|source| ClientError::Transport {
+            call: call.clone(),
+            source,
+        })?;
+        let status = resp.status().as_u16();
+        if status == expect {
+            Ok(())
+        } else {
+            Err(ClientError::Refused {
+                call,
+                status,
+                body: resp.text().await.unwrap_or_default(),
+            })
+        }
+    }
+
+    /// The Java client's order: every publication as an event type, then the publisher
+    /// declaration, then the subscriber declaration. Idempotent. Returns false when there was
+    /// nothing to register.
+    pub async fn register(
+        &self,
+        module_id: &str,
+        descriptor: &MessagingDescriptor,
+    ) -> Result<bool, ClientError> {
+        if descriptor.publications.is_empty() && descriptor.subscriptions.is_empty() {
+            return Ok(false);
+        }
+        if !descriptor.publications.is_empty() {
+            for p in &descriptor.publications {
+                self.post("/pubsub/event-types", p, 201).await?;
+            }
+            let body = json!({"moduleId": module_id, "eventDescriptors": descriptor.publications});
+            self.post("/pubsub/event-types/declare/publisher", &body, 201)
+                .await?;
+        }
+        if !descriptor.subscriptions.is_empty() {
+            let body =
+                json!({"moduleId": module_id, "subscriptionDefinitions": descriptor.subscriptions});
+            self.post("/pubsub/event-types/declare/subscriber", &body, 201)
+                .await?;
+        }
+        Ok(true)
+    }
+}

@@ -1,0 +1,128 @@
+//! Starting and stopping the whole service.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use crate::config::Config;
+use crate::{audit, db, delivery, http, kafka, metrics, registry, system_user};
+
+/// How long start-up waits for the database before giving up.
+pub const DB_STARTUP_PATIENCE: Duration = Duration::from_secs(30);
+/// How long graceful shutdown waits for background work.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// Migrates the module schema, then serves HTTP on `listener` until `shutdown` is cancelled,
+/// then waits for in-flight requests and background jobs.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    db::migrate_module(&config.db, DB_STARTUP_PATIENCE).await?;
+    let pool = db::pool(&config.db);
+    let kafka = Arc::new(
+        kafka::Kafka::new(&config)
+            .map_err(|e| anyhow::anyhow!("Kafka client configuration: {e}"))?,
+    );
+    let registry = registry::RegistryCache::default();
+    if let Err(e) = registry.reload_all(&pool).await {
+        tracing::warn!(error = %e, "could not load the registry yet; it follows the database");
+    }
+
+    // Background work stops with `background`; the audit writer stops last, after HTTP.
+    let background = CancellationToken::new();
+    let audit_stop = CancellationToken::new();
+    let (audit, audit_writer) = audit::AuditWriter::start(pool.clone(), audit_stop.clone());
+    let workers = TaskTracker::new();
+    workers.spawn(registry.clone().follow(pool.clone(), background.clone()));
+    workers.spawn(kafka::reconcile_loop(
+        Arc::clone(&kafka),
+        pool.clone(),
+        background.clone(),
+    ));
+    workers.spawn(audit::purge_loop(
+        pool.clone(),
+        config.audit.clone(),
+        background.clone(),
+    ));
+    let config = Arc::new(config);
+    // Calls to Okapi (system user, logins) are bounded like deliveries.
+    let okapi_http = reqwest::Client::builder()
+        .connect_timeout(config.delivery.connect_timeout)
+        .timeout(config.delivery.timeout)
+        .build()?;
+    let tokens = Arc::new(system_user::Tokens::new(
+        config.system_user.clone(),
+        config.okapi_url.as_str(),
+        okapi_http.clone(),
+    ));
+    let metrics = Arc::new(metrics::Metrics::default());
+    // The engine serves the admin endpoints (dead letters, replay) on every instance; it
+    // consumes only where delivery is enabled.
+    let engine = Arc::new(delivery::Engine::new(
+        Arc::clone(&config),
+        Arc::clone(&kafka),
+        registry.clone(),
+        audit.clone(),
+        Arc::clone(&tokens),
+        Arc::clone(&metrics),
+    )?);
+    if config.delivery.enabled {
+        workers.spawn(Arc::clone(&engine).run(background.clone()));
+    }
+    workers.close();
+
+    let state = http::AppState {
+        pool: pool.clone(),
+        config,
+        tasks: TaskTracker::new(),
+        kafka: Arc::clone(&kafka),
+        registry,
+        audit,
+        okapi_http,
+        tokens,
+        metrics,
+        engine,
+        shutdown: background.clone(),
+    };
+    let tasks = state.tasks.clone();
+    tracing::info!(addr = %listener.local_addr()?, "mod-pubsub listening");
+    // Small responses (204) go out at once instead of waiting for Nagle's algorithm.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
+    });
+    axum::serve(listener, http::app(state))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await?;
+
+    // Drain: tenant jobs, then background loops, then the audit queue, then Kafka.
+    tasks.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("tenant jobs did not finish within the shutdown grace period");
+    }
+    background.cancel();
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, workers.wait()).await;
+    audit_stop.cancel();
+    if tokio::time::timeout(SHUTDOWN_GRACE, audit_writer)
+        .await
+        .is_err()
+    {
+        tracing::error!("audit writer did not finish within the shutdown grace period");
+    }
+    let producer_kafka = Arc::clone(&kafka);
+    let _ =
+        tokio::task::spawn_blocking(move || producer_kafka.producer.flush(Duration::from_secs(10)))
+            .await;
+    pool.close().await;
+    tracing::info!("mod-pubsub stopped");
+    Ok(())
+}
