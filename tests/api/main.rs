@@ -6,6 +6,7 @@ mod audit;
 mod bad_input;
 mod client;
 mod crash;
+mod data_import;
 mod delivery;
 mod event_types;
 mod fixtures;
