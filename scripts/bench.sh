@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Benchmarks against the real services: scripts/bench.sh [publish]
+# Benchmarks against the real services: scripts/bench.sh [publish|delivery|data_import]
 # Starts PostgreSQL and the broker if needed, builds the release binary (the service runs as its
 # own process), then runs the bench target, which prints a Markdown table.
 set -euo pipefail
@@ -10,8 +10,10 @@ cd "${PUBSUB_REPO_ROOT}"
 
 export_default_env
 ensure_services
+# The data-import bench starts brokers of its own.
+ensure_tansu_binary
 
-log "cargo build --release --locked"
-cargo build --release --locked
+log "cargo build --release --locked --bins --examples"
+cargo build --release --locked --bins --examples
 log "cargo bench --locked --bench ${1:-publish}"
 cargo bench --locked --bench "${1:-publish}"
