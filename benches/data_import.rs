@@ -236,6 +236,8 @@ fn chart(runs: &[Run], path: &str) -> Result<(), Box<dyn std::error::Error>> {
             }
         })
         .y_desc("records/s")
+        .y_label_formatter(&|v| format!("{v:.0}"))
+        .light_line_style(WHITE)
         .draw()?;
     for (t, (name, color)) in [("http", RED), ("kafka", BLUE)].iter().enumerate() {
         let bars: Vec<(f64, f64)> = sizes
