@@ -3,7 +3,7 @@
 //!
 //! # Features
 //!
-//! - `server` (default): the service. [`run`] starts it on a listener the caller binds, so tests
+//! - `server` (default): the service. `run` starts it on a listener the caller binds, so tests
 //!   start the real server on port 0.
 //! - `client`: only [`client`] (register through pubsub's REST API, publish to and consume from
 //!   Kafka directly) with [`domain`], [`event`] and [`kafka`]'s topic names, without the

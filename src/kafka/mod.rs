@@ -92,8 +92,9 @@ impl Topics {
 }
 
 /// The settings of every producer of events (the service's, the client's, the benches'):
-/// idempotent, acknowledged by all in-sync replicas, sent at once (see
-/// [`producer::EventProducer`] for why).
+/// idempotent, acknowledged by all in-sync replicas, sent at once (`linger.ms=0`: with records
+/// awaited one by one, librdkafka's default 5 ms linger cut throughput about sixfold; batching
+/// still happens under load).
 pub fn idempotent_producer(cfg: &mut ClientConfig) -> &mut ClientConfig {
     cfg.set("enable.idempotence", "true")
         .set("acks", "all")
