@@ -390,6 +390,11 @@ ensure_build_deps() {
   fi
 }
 
+# kcat (Debian's package): the independent Kafka client of the interoperability tests.
+ensure_kcat() {
+  command -v kcat >/dev/null 2>&1 || apt_install kcat
+}
+
 ensure_services() {
   ensure_build_deps
   ensure_postgres

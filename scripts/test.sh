@@ -12,6 +12,8 @@ export_default_env
 ensure_services
 # The Kafka-outage tests start and stop brokers of their own: they need the binary (TANSU_BIN).
 ensure_tansu_binary
+# The interoperability tests read and write with kcat, a Kafka client nobody here wrote.
+ensure_kcat
 
 # The client library must build on its own, without the server's dependencies.
 log "cargo check --locked --lib --no-default-features --features client"

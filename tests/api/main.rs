@@ -12,6 +12,7 @@ mod event_types;
 mod fixtures;
 mod health;
 mod history;
+mod interop;
 mod java_database;
 mod kafka_outage;
 mod kafka_util;
