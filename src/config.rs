@@ -197,13 +197,39 @@ fn err(var: &str, problem: impl Into<String>) -> ConfigError {
     }
 }
 
+fn read_env_name(r: &Reader<'_>) -> Result<String, ConfigError> {
+    let env = r.string("ENV", "folio");
+    let env_ok = env.len() <= 64
+        && env
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if !env_ok {
+        return Err(err(
+            "ENV",
+            format!("must be 1 to 64 characters from [A-Za-z0-9_-] (it prefixes Kafka topic names), got \"{env}\""),
+        ));
+    }
+    Ok(env)
+}
+
+fn process_env() -> HashMap<String, String> {
+    std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect()
+}
+
+/// Only `ENV` and the Kafka settings, from the process environment: what the command-line
+/// clients (`mod-pubsub publish`, `tail`) need.
+pub fn kafka_from_env() -> Result<(String, KafkaConfig), ConfigError> {
+    let vars = process_env();
+    let r = Reader { vars: &vars };
+    Ok((read_env_name(&r)?, kafka::read(&r, &vars)?))
+}
+
 impl Config {
     /// Reads the process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
-        let vars: HashMap<String, String> = std::env::vars_os()
-            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
-            .collect();
-        Self::from_map(&vars)
+        Self::from_map(&process_env())
     }
 
     /// Reads from a map of environment variables.
@@ -234,18 +260,7 @@ impl Config {
         };
 
         let kafka = kafka::read(&r, vars)?;
-
-        let env = r.string("ENV", "folio");
-        let env_ok = env.len() <= 64
-            && env
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-        if !env_ok {
-            return Err(err(
-                "ENV",
-                format!("must be 1 to 64 characters from [A-Za-z0-9_-] (it prefixes Kafka topic names), got \"{env}\""),
-            ));
-        }
+        let env = read_env_name(&r)?;
 
         let raw_okapi = r.string("OKAPI_URL", "http://localhost:9130");
         let okapi_url = match url::Url::parse(&raw_okapi) {

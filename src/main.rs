@@ -1,3 +1,5 @@
+mod cli;
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -7,9 +9,15 @@ use tracing_subscriber::EnvFilter;
 use mod_pubsub::domain::TenantId;
 use mod_pubsub::{db, Config};
 
-/// FOLIO's publish/subscribe broker.
+/// FOLIO's publish/subscribe broker, and command-line clients of it.
 #[derive(Parser)]
-#[command(name = "mod-pubsub", version, about, long_about = None)]
+#[command(name = "mod-pubsub", version, about, long_about = None, after_help = "Examples:
+  mod-pubsub serve                       # configuration from FOLIO's environment variables
+  mod-pubsub migrate --tenant diku
+  mod-pubsub register --descriptor MessagingDescriptor.json --tenant diku --module-id mod-foo-1.0.0
+  mod-pubsub publish --tenant diku --event-type ITEM_CHECKED_OUT --published-by mod-foo-1.0.0 --payload '{}'
+  mod-pubsub tail --tenant diku --event-type ITEM_CHECKED_OUT
+  mod-pubsub replay --tenant diku --module-id mod-bar-1.0.0 --since 2026-11-26T08:00:00Z")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -31,6 +39,8 @@ enum Command {
     },
     /// Print the OpenAPI document (as committed in api/openapi.json).
     Openapi,
+    #[command(flatten)]
+    Client(cli::ClientCommand),
 }
 
 fn init_tracing() {
@@ -54,6 +64,16 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
+    if let Command::Client(command) = cli.command {
+        let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+        return match runtime.block_on(cli::run(command)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("mod-pubsub: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     init_tracing();
     let mut config = match Config::from_env() {
         Ok(c) => c,
@@ -72,7 +92,7 @@ fn main() -> ExitCode {
                 serve(config).await
             }
             Command::Migrate { tenants } => migrate(config, tenants).await,
-            Command::Openapi => unreachable!(),
+            Command::Openapi | Command::Client(_) => unreachable!(),
         }
     });
     match result {

@@ -93,9 +93,15 @@ impl DirectPublisher {
     /// As [`DirectPublisher::new`], with librdkafka settings of your own (security
     /// properties, for instance); the idempotence settings are applied on top. An event not
     /// acknowledged within `message.timeout.ms` (default here: 30 s) fails.
-    pub fn with_config(
+    pub fn with_config(cfg: ClientConfig, env: &str, tenant: &str) -> Result<Self, ClientError> {
+        Self::with_topics(cfg, Topics::with_defaults(env), tenant)
+    }
+
+    /// As [`DirectPublisher::with_config`], with the topic names of a service configured with
+    /// another namespace or a tenant collection.
+    pub fn with_topics(
         mut cfg: ClientConfig,
-        env: &str,
+        topics: Topics,
         tenant: &str,
     ) -> Result<Self, ClientError> {
         let tenant = TenantId::parse(tenant).map_err(|e| ClientError::Invalid(e.0))?;
@@ -107,7 +113,7 @@ impl DirectPublisher {
             .map_err(|e| ClientError::Kafka(e.to_string()))?;
         Ok(DirectPublisher {
             producer,
-            topics: Topics::with_defaults(env),
+            topics,
             tenant,
             timeout: Duration::from_secs(10),
         })

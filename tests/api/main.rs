@@ -4,6 +4,7 @@ mod helpers;
 
 mod audit;
 mod bad_input;
+mod cli;
 mod client;
 mod crash;
 mod data_import;

@@ -1,0 +1,381 @@
+//! The command-line clients of the `mod-pubsub` binary: `register`, `publish`, `tail`, `replay`.
+//! They use the client library (`mod_pubsub::client`) and the service's own settings: Kafka
+//! from `KAFKA_HOST`, `KAFKA_PORT`, `ENV` and the Kafka security variables; pubsub (or Okapi in
+//! front of it) from `OKAPI_URL`.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use clap::{Args, Subcommand};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use serde_json::{json, Value};
+
+use mod_pubsub::client::{DirectPublisher, MessagingDescriptor, OutgoingEvent, Registrar};
+use mod_pubsub::domain::{EventType, ModuleId, TenantId};
+use mod_pubsub::kafka::{client_config, record_headers, Topics};
+
+/// Where pubsub's REST API is: directly, or Okapi in front of it.
+#[derive(Args, Clone)]
+pub struct Rest {
+    /// pubsub's base URL, or Okapi's.
+    #[arg(long, env = "OKAPI_URL", default_value = "http://localhost:9130")]
+    okapi_url: String,
+    /// An Okapi token, sent as X-Okapi-Token.
+    #[arg(long, env = "OKAPI_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+#[derive(Subcommand)]
+pub enum ClientCommand {
+    /// Register a module's MessagingDescriptor with pubsub (event types, publisher, subscriber),
+    /// which creates the Kafka topics. Idempotent.
+    #[command(after_help = "Examples:
+  mod-pubsub register --descriptor MessagingDescriptor.json --tenant diku --module-id mod-circulation-24.0.0
+  OKAPI_URL=http://localhost:8081 mod-pubsub register --descriptor md.json --tenant diku --module-id mod-foo-1.0.0
+
+A subscription without \"callbackAddress\" registers a direct consumer: pubsub records it and creates
+the topic but never pushes to it.")]
+    Register {
+        /// The MessagingDescriptor.json file.
+        #[arg(long)]
+        descriptor: PathBuf,
+        #[arg(long)]
+        tenant: String,
+        /// The module's id, name and version, e.g. mod-circulation-24.0.0.
+        #[arg(long)]
+        module_id: String,
+        #[command(flatten)]
+        rest: Rest,
+    },
+    /// Publish one event straight to Kafka (or with POST /pubsub/publish with --via-http), with
+    /// the topic, envelope, key and headers of pubsub's publish path. Prints the event id.
+    #[command(after_help = "Examples:
+  mod-pubsub publish --tenant diku --event-type ITEM_CHECKED_OUT --published-by mod-circulation-24.0.0 \\
+      --payload '{\"loanId\":\"8b1d…\"}' --key 8b1d…
+  mod-pubsub publish --tenant diku --event-type LOAN_CLOSED --published-by mod-circulation-24.0.0 < loan.json
+  mod-pubsub publish --via-http --tenant diku --event-type LOAN_CLOSED --published-by mod-circulation-24.0.0 --payload-file loan.json
+
+The publisher must be registered for the event type (register it with `mod-pubsub register`).")]
+    Publish {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        event_type: String,
+        /// The publishing module's id, e.g. mod-circulation-24.0.0.
+        #[arg(long)]
+        published_by: String,
+        /// The payload (usually JSON); without it or --payload-file the payload is read from stdin.
+        #[arg(long, conflicts_with = "payload_file")]
+        payload: Option<String>,
+        #[arg(long)]
+        payload_file: Option<PathBuf>,
+        /// The Kafka key (events with the same key stay in order); default: the event id.
+        #[arg(long)]
+        key: Option<String>,
+        /// Publish through pubsub's REST API instead of straight to Kafka.
+        #[arg(long)]
+        via_http: bool,
+        #[command(flatten)]
+        rest: Rest,
+    },
+    /// Print the events of the given types as they arrive, one JSON line each (tenant, topic,
+    /// partition, offset, key, headers, event). Reads with a group of its own and commits
+    /// nothing, so no module's position moves.
+    #[command(after_help = "Examples:
+  mod-pubsub tail --tenant diku --event-type ITEM_CHECKED_OUT
+  mod-pubsub tail --event-type DI_COMPLETED --event-type DI_ERROR --from-beginning --count 10   # every tenant
+  mod-pubsub tail --tenant diku --event-type LOAN_CLOSED | jq .event.eventPayload")]
+    Tail {
+        /// One tenant; without it, every tenant (new tenants are picked up within seconds).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// An event type (repeatable).
+        #[arg(long = "event-type", required = true)]
+        event_types: Vec<String>,
+        /// Start at the oldest retained events instead of new ones.
+        #[arg(long)]
+        from_beginning: bool,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<usize>,
+    },
+    /// Deliver a subscriber module's events again since a point in time (POST
+    /// /pubsub/subscribers/{moduleId}/replay), or, with --dead-letters, redeliver its dead
+    /// letters (POST /pubsub/dead-letters/redeliver).
+    #[command(after_help = "Examples:
+  mod-pubsub replay --tenant diku --module-id mod-patron-blocks-1.0.0 --since 2026-11-26T08:00:00Z
+  mod-pubsub replay --tenant diku --module-id mod-patron-blocks --dead-letters
+  mod-pubsub replay --tenant diku --dead-letters --event-id 5b3c1a8e-4f3b-4b1e-9c2e-0a1b2c3d4e5f")]
+    Replay {
+        #[arg(long)]
+        tenant: String,
+        /// The subscriber module (with or without version).
+        #[arg(long, required_unless_present = "dead_letters")]
+        module_id: Option<String>,
+        /// ISO-8601 date-time with an offset: events published since then are delivered again.
+        #[arg(
+            long,
+            required_unless_present = "dead_letters",
+            conflicts_with = "dead_letters"
+        )]
+        since: Option<String>,
+        /// Redeliver dead letters instead (of --module-id, or of every subscriber).
+        #[arg(long)]
+        dead_letters: bool,
+        /// Only this dead letter's event (repeatable; with --dead-letters).
+        #[arg(long = "event-id", requires = "dead_letters")]
+        event_ids: Vec<String>,
+        #[command(flatten)]
+        rest: Rest,
+    },
+}
+
+pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
+    match command {
+        ClientCommand::Register {
+            descriptor,
+            tenant,
+            module_id,
+            rest,
+        } => {
+            let tenant = parse_tenant(&tenant)?;
+            ModuleId::parse(&module_id).map_err(|e| anyhow!("--module-id {module_id:?}: {e}"))?;
+            let descriptor = MessagingDescriptor::from_file(&descriptor)?;
+            let registrar = Registrar::new(&rest.okapi_url, tenant.as_str(), rest.token);
+            if registrar.register(&module_id, &descriptor).await? {
+                println!(
+                    "registered {module_id} for {tenant}: {} publication(s), {} subscription(s)",
+                    descriptor.publications.len(),
+                    descriptor.subscriptions.len()
+                );
+            } else {
+                println!("nothing to register: the descriptor is empty");
+            }
+            Ok(())
+        }
+        ClientCommand::Publish {
+            tenant,
+            event_type,
+            published_by,
+            payload,
+            payload_file,
+            key,
+            via_http,
+            rest,
+        } => {
+            let tenant = parse_tenant(&tenant)?;
+            EventType::parse(&event_type).map_err(|e| anyhow!("--event-type: {e}"))?;
+            let payload = match (payload, payload_file) {
+                (Some(p), _) => p,
+                (None, Some(f)) => std::fs::read_to_string(&f)
+                    .with_context(|| format!("--payload-file {}", f.display()))?,
+                (None, None) => {
+                    let mut s = String::new();
+                    std::io::stdin()
+                        .read_to_string(&mut s)
+                        .context("reading the payload from stdin")?;
+                    s
+                }
+            };
+            let id = if via_http {
+                publish_http(&rest, &tenant, &event_type, &published_by, &payload, key).await?
+            } else {
+                let (env, kafka) = mod_pubsub::config::kafka_from_env()?;
+                let publisher = DirectPublisher::with_topics(
+                    client_config(&kafka),
+                    Topics::new(&env, &kafka),
+                    tenant.as_str(),
+                )?;
+                let mut event = OutgoingEvent::new(&event_type, &published_by, payload);
+                event.key = key;
+                publisher.send(&event).await?
+            };
+            println!("{id}");
+            Ok(())
+        }
+        ClientCommand::Tail {
+            tenant,
+            event_types,
+            from_beginning,
+            count,
+        } => tail(tenant, event_types, from_beginning, count).await,
+        ClientCommand::Replay {
+            tenant,
+            module_id,
+            since,
+            dead_letters,
+            event_ids,
+            rest,
+        } => {
+            let tenant = parse_tenant(&tenant)?;
+            let (path, body) = if dead_letters {
+                let mut body = json!({});
+                if let Some(m) = &module_id {
+                    body["subscriber"] = json!(m);
+                }
+                if !event_ids.is_empty() {
+                    body["eventIds"] = json!(event_ids);
+                }
+                ("/pubsub/dead-letters/redeliver".to_owned(), body)
+            } else {
+                let module = module_id.expect("required by clap");
+                let since = since.expect("required by clap");
+                if mod_pubsub::event::parse_date_time(&since).is_none() {
+                    bail!("--since {since:?}: must be an ISO-8601 date-time with an offset, e.g. 2026-11-26T08:00:00Z");
+                }
+                (
+                    format!("/pubsub/subscribers/{module}/replay"),
+                    json!({"fromDate": since}),
+                )
+            };
+            let answer = rest_post(&rest, &tenant, &path, &body).await?;
+            println!("{answer}");
+            Ok(())
+        }
+    }
+}
+
+fn parse_tenant(raw: &str) -> anyhow::Result<TenantId> {
+    TenantId::parse(raw).map_err(|e| anyhow!("--tenant {raw:?}: {e}"))
+}
+
+/// POSTs to pubsub's REST API; the answer's body, or an error naming the status and body.
+async fn rest_post(
+    rest: &Rest,
+    tenant: &TenantId,
+    path: &str,
+    body: &Value,
+) -> anyhow::Result<String> {
+    let url = format!("{}{path}", rest.okapi_url.trim_end_matches('/'));
+    let mut request = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()?
+        .post(&url)
+        .header("X-Okapi-Tenant", tenant.as_str())
+        .header("X-Okapi-Url", rest.okapi_url.trim_end_matches('/'))
+        .json(body);
+    if let Some(t) = &rest.token {
+        request = request.header("X-Okapi-Token", t);
+    }
+    let response = request
+        .send()
+        .await
+        .with_context(|| format!("POST {url}"))?;
+    let status = response.status();
+    let text = response.text().await.unwrap_or_default();
+    if !status.is_success() {
+        bail!("POST {url} answered {status}: {text}");
+    }
+    Ok(text)
+}
+
+async fn publish_http(
+    rest: &Rest,
+    tenant: &TenantId,
+    event_type: &str,
+    published_by: &str,
+    payload: &str,
+    key: Option<String>,
+) -> anyhow::Result<String> {
+    let id = uuid::Uuid::new_v4().to_string();
+    let event = json!({
+        "id": id,
+        "eventType": event_type,
+        "eventMetadata": {"tenantId": tenant.as_str(), "eventTTL": 1, "publishedBy": published_by},
+        "eventPayload": payload,
+    });
+    let url = format!("{}/pubsub/publish", rest.okapi_url.trim_end_matches('/'));
+    let mut request = reqwest::Client::new()
+        .post(&url)
+        .header("X-Okapi-Tenant", tenant.as_str())
+        .json(&event);
+    if let Some(k) = key {
+        request = request.header("X-Pubsub-Partition-Key", k);
+    }
+    if let Some(t) = &rest.token {
+        request = request.header("X-Okapi-Token", t);
+    }
+    let response = request
+        .send()
+        .await
+        .with_context(|| format!("POST {url}"))?;
+    let status = response.status();
+    if status.as_u16() != 204 {
+        bail!(
+            "POST {url} answered {status}: {}",
+            response.text().await.unwrap_or_default()
+        );
+    }
+    Ok(id)
+}
+
+async fn tail(
+    tenant: Option<String>,
+    event_types: Vec<String>,
+    from_beginning: bool,
+    count: Option<usize>,
+) -> anyhow::Result<()> {
+    let (env, kafka) = mod_pubsub::config::kafka_from_env()?;
+    let topics = Topics::new(&env, &kafka);
+    let tenant = tenant.map(|t| parse_tenant(&t)).transpose()?;
+    let mut subscriptions = Vec::new();
+    for t in &event_types {
+        let e = EventType::parse(t).map_err(|e| anyhow!("--event-type {t:?}: {e}"))?;
+        subscriptions.push(match &tenant {
+            Some(tenant) => topics.name(tenant, &e).to_string(),
+            None => topics.all_tenants_pattern(&e),
+        });
+    }
+    // A group of its own that commits nothing: tailing never moves anyone's position.
+    let group = format!("{env}.mod-pubsub-tail.{}", uuid::Uuid::new_v4().simple());
+    let consumer: StreamConsumer = client_config(&kafka)
+        .set("group.id", &group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set(
+            "auto.offset.reset",
+            if from_beginning { "earliest" } else { "latest" },
+        )
+        .set("fetch.wait.max.ms", "100")
+        .set("topic.metadata.refresh.interval.ms", "5000")
+        .create()
+        .context("Kafka consumer")?;
+    let names: Vec<&str> = subscriptions.iter().map(String::as_str).collect();
+    consumer.subscribe(&names).context("subscribing")?;
+    eprintln!("tailing {}", subscriptions.join(", "));
+    let mut seen = 0;
+    loop {
+        let msg = tokio::select! {
+            m = consumer.recv() => m.context("Kafka")?,
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        };
+        let headers = record_headers(&msg);
+        let value = msg.payload().unwrap_or_default();
+        let event: Value = serde_json::from_slice(value)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(value).into_owned()));
+        let tenant = headers.get("folio.tenantId").cloned().or_else(|| {
+            event["eventMetadata"]["tenantId"]
+                .as_str()
+                .map(str::to_owned)
+        });
+        println!(
+            "{}",
+            json!({
+                "tenant": tenant,
+                "topic": msg.topic(),
+                "partition": msg.partition(),
+                "offset": msg.offset(),
+                "key": msg.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                "headers": headers,
+                "event": event,
+            })
+        );
+        seen += 1;
+        if count.is_some_and(|c| seen >= c) {
+            return Ok(());
+        }
+    }
+}
