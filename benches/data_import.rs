@@ -10,35 +10,17 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{env_or, Service, Setup};
+use common::{env_or, free_port, status_kib, Broker, Service, Setup};
 use plotters::prelude::*;
 use serde_json::Value;
 
 const FILES: usize = 4;
 const CHUNK: usize = 50;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
 
 /// Samples the sum of PostgreSQL's processes' anonymous memory until stopped; returns the peak.
 struct PgSampler {
@@ -85,48 +67,6 @@ impl PgSampler {
     }
 }
 
-struct Broker(Child, u16);
-
-impl Broker {
-    fn start() -> Broker {
-        let port = free_port();
-        let url = format!("tcp://127.0.0.1:{port}");
-        let bin = std::env::var("TANSU_BIN").expect("TANSU_BIN (run through scripts/bench.sh)");
-        let child = Command::new(bin)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-                "--storage-engine",
-                "memory://tansu/",
-            ])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start tansu");
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "tansu did not listen");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Broker(child, port)
-    }
-
-    fn peak_rss_mib(&self) -> f64 {
-        status_kib(self.0.id(), "VmHWM:") as f64 / 1024.0
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[derive(Debug, Clone)]
 struct Run {
     transport: String,
@@ -145,7 +85,7 @@ async fn run_flow(transport: &str, records: usize) -> Run {
     let setup = Setup::new().await;
     let okapi_port = free_port();
     let okapi = format!("127.0.0.1:{okapi_port}");
-    let (kafka_port, okapi_url) = (broker.1.to_string(), format!("http://{okapi}"));
+    let (kafka_port, okapi_url) = (broker.port().to_string(), format!("http://{okapi}"));
     let service = Service::start(
         &setup,
         &[

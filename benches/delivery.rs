@@ -143,7 +143,7 @@ async fn main() {
         assert_eq!(r.status(), 201);
     }
     tokio::time::sleep(Duration::from_millis(2500)).await; // after the registration's created_date
-    let producer = raw_producer();
+    let producer = raw_producer(&bootstrap());
     let body = payload();
     let mut acks = Vec::with_capacity(backlog);
     for _ in 0..backlog {

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{env_or, envelope, payload, raw_producer, Service, Setup};
+use common::{env_or, envelope, payload, raw_producer, Broker, Service, Setup};
 use rdkafka::producer::FutureRecord;
 use rdkafka::util::Timeout;
 use serde_json::json;
@@ -70,8 +70,8 @@ async fn http_case(service: &Service, concurrency: usize, duration: Duration) ->
     done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
 }
 
-async fn raw_awaiting(topic: &str, concurrency: usize, duration: Duration) -> f64 {
-    let producer = raw_producer();
+async fn raw_awaiting(bootstrap: &str, topic: &str, concurrency: usize, duration: Duration) -> f64 {
+    let producer = raw_producer(bootstrap);
     let done = Arc::new(AtomicU64::new(0));
     let payload = payload();
     let start = Instant::now();
@@ -105,8 +105,8 @@ async fn raw_awaiting(topic: &str, concurrency: usize, duration: Duration) -> f6
     done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
 }
 
-async fn raw_pipelined(topic: &str, count: usize) -> f64 {
-    let producer = raw_producer();
+async fn raw_pipelined(bootstrap: &str, topic: &str, count: usize) -> f64 {
+    let producer = raw_producer(bootstrap);
     let payload = payload();
     let start = Instant::now();
     let mut acks = Vec::with_capacity(count);
@@ -131,15 +131,24 @@ async fn main() {
     if !common::run_as_bench("publish") {
         return;
     }
+    // A broker of the bench's own: every run starts on an empty broker (tansu slows down as its
+    // memory storage fills, which made runs on a long-used broker incomparable).
+    let broker = Broker::start();
+    let bootstrap = broker.bootstrap();
     let setup = Setup::new().await;
-    let service = Service::start(&setup, &[]).await;
+    let port = broker.port().to_string();
+    let service = Service::start(
+        &setup,
+        &[("KAFKA_HOST", "127.0.0.1"), ("KAFKA_PORT", &port)],
+    )
+    .await;
     service.register_publisher().await;
     let topic = setup.topic();
 
     let seconds = seconds_per_case();
     // Warm-up: connections, metadata, producer ids.
     http_case(&service, 4, Duration::from_millis(500)).await;
-    raw_awaiting(&topic, 4, Duration::from_millis(500)).await;
+    raw_awaiting(&bootstrap, &topic, 4, Duration::from_millis(500)).await;
 
     println!(
         "publish throughput, 1 KB payloads, {:.0} s per case, events/s",
@@ -156,13 +165,21 @@ async fn main() {
         .into_iter()
         .filter(|c| only.is_none_or(|o| o == *c))
     {
-        let http = http_case(&service, c, seconds).await;
+        // Interleaved halves (HTTP, raw, raw, HTTP), so a broker that slows down as it fills
+        // weighs on both sides alike.
+        let half = seconds / 2;
+        let h1 = http_case(&service, c, half).await;
         if http_only {
-            println!("| {c} | {http:.0} | | | | |");
+            let h2 = http_case(&service, c, half).await;
+            println!("| {c} | {:.0} | | | | |", (h1 + h2) / 2.0);
             continue;
         }
-        let awaiting = raw_awaiting(&topic, c, seconds).await;
+        let a1 = raw_awaiting(&bootstrap, &topic, c, half).await;
+        let a2 = raw_awaiting(&bootstrap, &topic, c, half).await;
+        let h2 = http_case(&service, c, half).await;
+        let (http, awaiting) = ((h1 + h2) / 2.0, (a1 + a2) / 2.0);
         let pipelined = raw_pipelined(
+            &bootstrap,
             &topic,
             (awaiting * seconds.as_secs_f64()).clamp(5_000.0, 100_000.0) as usize,
         )
@@ -173,8 +190,13 @@ async fn main() {
             http / pipelined
         );
     }
-    println!("service peak RSS: {:.1} MiB", service.peak_rss_mib());
+    println!(
+        "service peak RSS: {:.1} MiB; broker peak RSS: {:.1} MiB",
+        service.peak_rss_mib(),
+        broker.peak_rss_mib()
+    );
 
     drop(service);
+    drop(broker);
     setup.drop_database().await;
 }

@@ -187,7 +187,7 @@ async fn insert(pool: &PgPool, tenant: &TenantId, items: &[&AuditItem]) -> sqlx:
     for item in items {
         match item {
             AuditItem::Message(r) => {
-                ids.push(Uuid::new_v4());
+                ids.push(Uuid::now_v7());
                 event_ids.push(r.event_id);
                 event_types.push(clean(&r.event_type));
                 correlation_ids.push(Some(

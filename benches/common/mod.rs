@@ -5,6 +5,7 @@
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+use std::time::Instant;
 
 use rdkafka::producer::FutureProducer;
 use rdkafka::ClientConfig;
@@ -192,18 +193,87 @@ impl Drop for Service {
     }
 }
 
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A number field of `/proc/{pid}/status`, in KiB.
+pub fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A tansu broker of the bench's own (memory storage, a free port), so every run starts on an
+/// empty broker and the broker's peak RSS is the run's.
+pub struct Broker(Child, u16);
+
+impl Broker {
+    pub fn start() -> Broker {
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let bin = std::env::var("TANSU_BIN").expect("TANSU_BIN (run through scripts/bench.sh)");
+        let child = Command::new(bin)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                "memory://tansu/",
+            ])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start tansu");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "tansu did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Broker(child, port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.1
+    }
+
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.1)
+    }
+
+    pub fn peak_rss_mib(&self) -> f64 {
+        status_kib(self.0.id(), "VmHWM:") as f64 / 1024.0
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// About 1 KB of payload.
 pub fn payload() -> String {
     json!({"loanId": "8b1d3b4e-1c33-4f2a-9a55-3c1e5a0b6f11", "note": "x".repeat(900)}).to_string()
 }
 
 /// The service's producer settings (src/kafka/producer.rs).
-pub fn raw_producer() -> FutureProducer {
-    mod_pubsub::kafka::idempotent_producer(
-        ClientConfig::new().set("bootstrap.servers", bootstrap()),
-    )
-    .create()
-    .expect("producer")
+pub fn raw_producer(bootstrap: &str) -> FutureProducer {
+    mod_pubsub::kafka::idempotent_producer(ClientConfig::new().set("bootstrap.servers", bootstrap))
+        .create()
+        .expect("producer")
 }
 
 /// An Event envelope as the service writes it.
