@@ -231,7 +231,7 @@ pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
                     json!({"fromDate": since}),
                 )
             };
-            let answer = rest_post(&rest, &tenant, &path, &body).await?;
+            let answer = rest_post(&rest, &tenant, &path, &body, &[]).await?;
             println!("{answer}");
             Ok(())
         }
@@ -248,6 +248,7 @@ async fn rest_post(
     tenant: &TenantId,
     path: &str,
     body: &Value,
+    headers: &[(&str, &str)],
 ) -> anyhow::Result<String> {
     let url = format!("{}{path}", rest.okapi_url.trim_end_matches('/'));
     let mut request = reqwest::Client::builder()
@@ -257,6 +258,9 @@ async fn rest_post(
         .header("X-Okapi-Tenant", tenant.as_str())
         .header("X-Okapi-Url", rest.okapi_url.trim_end_matches('/'))
         .json(body);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
     if let Some(t) = &rest.token {
         request = request.header("X-Okapi-Token", t);
     }
@@ -287,28 +291,12 @@ async fn publish_http(
         "eventMetadata": {"tenantId": tenant.as_str(), "eventTTL": 1, "publishedBy": published_by},
         "eventPayload": payload,
     });
-    let url = format!("{}/pubsub/publish", rest.okapi_url.trim_end_matches('/'));
-    let mut request = reqwest::Client::new()
-        .post(&url)
-        .header("X-Okapi-Tenant", tenant.as_str())
-        .json(&event);
-    if let Some(k) = key {
-        request = request.header("X-Pubsub-Partition-Key", k);
-    }
-    if let Some(t) = &rest.token {
-        request = request.header("X-Okapi-Token", t);
-    }
-    let response = request
-        .send()
-        .await
-        .with_context(|| format!("POST {url}"))?;
-    let status = response.status();
-    if status.as_u16() != 204 {
-        bail!(
-            "POST {url} answered {status}: {}",
-            response.text().await.unwrap_or_default()
-        );
-    }
+    let key_header: Vec<(&str, &str)> = key
+        .as_deref()
+        .map(|k| ("X-Pubsub-Partition-Key", k))
+        .into_iter()
+        .collect();
+    rest_post(rest, tenant, "/pubsub/publish", &event, &key_header).await?;
     Ok(id)
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 
-use crate::delivery::FakeOkapi;
+use crate::delivery::{delivering_app, FakeOkapi};
 use crate::helpers::*;
 
 struct Out {
@@ -49,39 +49,38 @@ async fn cli(app: &TestApp, args: &[&str], stdin: Option<&str>) -> Out {
 #[tokio::test]
 async fn the_cli_registers_publishes_tails_and_replays() {
     let fake = FakeOkapi::start().await;
-    let db = TestDb::create().await;
-    let base = fake.base.clone();
-    let app = TestApp::spawn_on(db, move |e| {
-        e.insert("DELIVERY_ENABLED".into(), "true".into());
-        e.insert("OKAPI_URL".into(), base);
-    })
-    .await;
+    let app = delivering_app(&fake, "1s").await;
     app.enable_tenant("diku").await;
     let fixtures =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/messaging-descriptors");
     let descriptor = |name: &str| fixtures.join(name).to_string_lossy().into_owned();
 
     // register
-    let out = cli(
-        &app,
-        &[
-            "register",
-            "--descriptor",
-            &descriptor("mod-circulation.json"),
-            "--tenant",
-            "diku",
-            "--module-id",
-            "mod-circulation-24.0.0",
-        ],
-        None,
-    )
-    .await;
-    assert!(out.ok, "{}", out.stderr);
-    assert!(
-        out.stdout.contains("registered mod-circulation-24.0.0"),
-        "{}",
-        out.stdout
-    );
+    for (file, module) in [
+        ("mod-circulation.json", "mod-circulation-24.0.0"),
+        ("mod-patron-blocks.json", "mod-patron-blocks-1.0.0"),
+    ] {
+        let out = cli(
+            &app,
+            &[
+                "register",
+                "--descriptor",
+                &descriptor(file),
+                "--tenant",
+                "diku",
+                "--module-id",
+                module,
+            ],
+            None,
+        )
+        .await;
+        assert!(out.ok, "{}", out.stderr);
+        assert!(
+            out.stdout.contains(&format!("registered {module}")),
+            "{}",
+            out.stdout
+        );
+    }
     let pubs = app
         .get_json("diku", "/pubsub/event-types/ITEM_CHECKED_OUT/publishers")
         .await;
@@ -89,21 +88,6 @@ async fn the_cli_registers_publishes_tails_and_replays() {
         pubs["messagingModules"][0]["moduleId"],
         "mod-circulation-24.0.0"
     );
-    let out = cli(
-        &app,
-        &[
-            "register",
-            "--descriptor",
-            &descriptor("mod-patron-blocks.json"),
-            "--tenant",
-            "diku",
-            "--module-id",
-            "mod-patron-blocks-1.0.0",
-        ],
-        None,
-    )
-    .await;
-    assert!(out.ok, "{}", out.stderr);
 
     // publish straight to Kafka, and over HTTP with the payload on stdin
     let out = cli(

@@ -6,19 +6,13 @@ use std::time::Duration;
 
 use mod_pubsub::client::{DirectPublisher, MessagingDescriptor, Registrar};
 
-use crate::delivery::FakeOkapi;
+use crate::delivery::{delivering_app, FakeOkapi};
 use crate::helpers::*;
 
 #[tokio::test]
 async fn a_module_registers_with_the_client_and_publishes_directly_to_kafka() {
     let fake = FakeOkapi::start().await;
-    let db = TestDb::create().await;
-    let base = fake.base.clone();
-    let app = TestApp::spawn_on(db, move |e| {
-        e.insert("DELIVERY_ENABLED".into(), "true".into());
-        e.insert("OKAPI_URL".into(), base);
-    })
-    .await;
+    let app = delivering_app(&fake, "1s").await;
     app.enable_tenant("diku").await;
 
     // mod-circulation publishes, mod-patron-blocks subscribes: both register with the client.

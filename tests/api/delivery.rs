@@ -185,7 +185,8 @@ async fn okapi(
     }
 }
 
-async fn delivering_app(fake: &FakeOkapi, schedule: &str) -> TestApp {
+/// A service with delivery on, pushing to `fake`, retrying after the waits of `schedule`.
+pub async fn delivering_app(fake: &FakeOkapi, schedule: &str) -> TestApp {
     let db = TestDb::create().await;
     let (base, schedule) = (fake.base.clone(), schedule.to_owned());
     TestApp::spawn_on(db, move |e| {

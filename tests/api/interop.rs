@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::delivery::FakeOkapi;
+use crate::delivery::{delivering_app, FakeOkapi};
 use crate::helpers::*;
 use crate::publish::{event, new_id, register_publisher};
 
@@ -202,13 +202,7 @@ async fn kcat_reads_folio_kafka_wrappers_event_json_from_an_http_publish_and_so_
 async fn an_event_kcat_writes_as_a_java_module_would_is_pushed_to_http_subscribers_and_reaches_direct_consumers(
 ) {
     let fake = FakeOkapi::start().await;
-    let db = TestDb::create().await;
-    let base = fake.base.clone();
-    let app = TestApp::spawn_on(db, move |e| {
-        e.insert("DELIVERY_ENABLED".into(), "true".into());
-        e.insert("OKAPI_URL".into(), base);
-    })
-    .await;
+    let app = delivering_app(&fake, "1s").await;
     register_publisher(&app, "diku", "INTEROP_IN", "mod-java-1.0.0").await;
     let callback = "/java/handlers/interop";
     let body = json!({"moduleId": "mod-http-sub-1.0.0",
