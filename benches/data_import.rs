@@ -85,7 +85,7 @@ async fn run_flow(transport: &str, records: usize) -> Run {
     let setup = Setup::new().await;
     let okapi_port = free_port();
     let okapi = format!("127.0.0.1:{okapi_port}");
-    let (kafka_port, okapi_url) = (broker.port().to_string(), format!("http://{okapi}"));
+    let (kafka_port, okapi_url) = (broker.port.to_string(), format!("http://{okapi}"));
     let service = Service::start(
         &setup,
         &[

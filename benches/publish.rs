@@ -136,7 +136,7 @@ async fn main() {
     let broker = Broker::start();
     let bootstrap = broker.bootstrap();
     let setup = Setup::new().await;
-    let port = broker.port().to_string();
+    let port = broker.port.to_string();
     let service = Service::start(
         &setup,
         &[("KAFKA_HOST", "127.0.0.1"), ("KAFKA_PORT", &port)],

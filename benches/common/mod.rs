@@ -5,7 +5,6 @@
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
-use std::time::Instant;
 
 use rdkafka::producer::FutureProducer;
 use rdkafka::ClientConfig;
@@ -212,57 +211,13 @@ pub fn status_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// A tansu broker of the bench's own (memory storage, a free port), so every run starts on an
-/// empty broker and the broker's peak RSS is the run's.
-pub struct Broker(Child, u16);
-
-impl Broker {
-    pub fn start() -> Broker {
-        let port = free_port();
-        let url = format!("tcp://127.0.0.1:{port}");
-        let bin = std::env::var("TANSU_BIN").expect("TANSU_BIN (run through scripts/bench.sh)");
-        let child = Command::new(bin)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-                "--storage-engine",
-                "memory://tansu/",
-            ])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start tansu");
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "tansu did not listen");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Broker(child, port)
-    }
-
-    pub fn port(&self) -> u16 {
-        self.1
-    }
-
-    pub fn bootstrap(&self) -> String {
-        format!("127.0.0.1:{}", self.1)
-    }
-
-    pub fn peak_rss_mib(&self) -> f64 {
-        status_kib(self.0.id(), "VmHWM:") as f64 / 1024.0
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+/// Brokers of the bench's own (memory storage, a free port), as the tests start them: every run
+/// starts on an empty broker and the broker's peak RSS is the run's.
+#[path = "../../tests/api/kafka_util.rs"]
+#[allow(dead_code)]
+mod kafka_util;
+#[allow(unused_imports)]
+pub use kafka_util::OwnBroker as Broker;
 
 /// About 1 KB of payload.
 pub fn payload() -> String {

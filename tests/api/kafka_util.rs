@@ -112,6 +112,23 @@ impl OwnBroker {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// The broker's peak resident memory (VmHWM) in MiB, while it runs (for the benches, which
+    /// include this file).
+    #[allow(dead_code)]
+    pub fn peak_rss_mib(&self) -> f64 {
+        let Some(child) = &self.child else {
+            return 0.0;
+        };
+        std::fs::read_to_string(format!("/proc/{}/status", child.id()))
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / 1024.0
+    }
+
     /// Starts it (again) on the same port; memory storage starts empty.
     pub fn restart(&mut self) {
         self.stop();
