@@ -529,7 +529,13 @@ async fn dead_letters_can_be_listed_redelivered_and_subscribers_replayed() {
     assert_eq!(got[2].headers["x-pubsub-event-id"], dead);
     assert_eq!(got[2].headers["x-pubsub-delivery-attempt"], "3");
     let rows = app.audit_of("diku", &dead, 5).await;
-    assert_eq!(rows.last().unwrap()["state"], "DELIVERED");
+    // (Not necessarily the last row: the engine stamps its dead-lettered row after Kafka
+    // acknowledged the dead letter, which a loaded machine may do after this redelivery.)
+    assert!(
+        rows.iter()
+            .any(|r| r["state"] == "DELIVERED" && r["attempt"] == 3),
+        "{rows:?}"
+    );
 
     // Replay from before the event: delivered again (the subscriber keeps answering 204).
     let r = app
