@@ -397,9 +397,12 @@ impl Engine {
     ) -> Result<(), Failure> {
         let base = self.config.okapi_url.as_str().trim_end_matches('/');
         let url = format!("{base}{}", sub.callback);
+        // Java modules write okapi-common's spelling (`X-Okapi-Request-Id`) as often as the
+        // lower-case one; folio-kafka-wrapper matches these names case-insensitively too.
         let request_id = headers
-            .get("x-okapi-request-id")
-            .cloned()
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("x-okapi-request-id"))
+            .map(|(_, v)| v.clone())
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let body = event
             .event_payload

@@ -26,7 +26,7 @@ async fn kcat(args: &[&str], stdin: Option<&str>) -> String {
         .kill_on_drop(true)
         .spawn()
         .unwrap_or_else(|e| {
-            panic!("kcat is not installed ({e}): run the tests through scripts/test.sh, which installs it")
+            panic!("cannot start kcat ({e}); is it installed and on PATH? scripts/test.sh installs it (ensure_kcat in scripts/lib.sh)")
         });
     let mut input = child.stdin.take().unwrap();
     if let Some(text) = stdin {
@@ -284,6 +284,75 @@ async fn an_event_kcat_writes_as_a_java_module_would_is_pushed_to_http_subscribe
         received[0].headers["jobExecutionId"],
         "6f1e0a2c-8a57-4ad0-9d2c-2b0d7b3a1c11"
     );
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn okapi_headers_in_okapi_commons_spelling_and_no_folio_tenant_id_header_are_understood() {
+    // folio-kafka-wrapper's propagateOkapiHeaders keeps the names as the module's header map
+    // spells them, usually okapi-common's `X-Okapi-Tenant`, `X-Okapi-Url`, `X-Okapi-Request-Id`;
+    // wrapper versions before KAFKAWRAP-38 wrote no `folio.tenantId` header at all.
+    let fake = FakeOkapi::start().await;
+    let app = delivering_app(&fake, "1s").await;
+    register_publisher(&app, "diku", "INTEROP_CASE", "mod-java-2.0.0").await;
+    let callback = "/java/handlers/case";
+    let body = json!({"moduleId": "mod-http-sub-1.0.0",
+                      "subscriptionDefinitions": [{"eventType": "INTEROP_CASE", "callbackAddress": callback}]});
+    assert_eq!(
+        app.post_json("diku", "/pubsub/event-types/declare/subscriber", &body)
+            .await
+            .status(),
+        201
+    );
+    direct_subscriber(&app, "diku", "mod-direct-1.0.0", "INTEROP_CASE").await;
+    let (got, stop, task) = consume(&app, "mod-direct", "diku", "INTEROP_CASE");
+
+    let id = new_id();
+    // Jackson's default date format, with a `+0000` offset.
+    let published = chrono::Utc::now()
+        .format("%Y-%m-%dT%H:%M:%S%.3f+0000")
+        .to_string();
+    let value = json!({
+        "id": id,
+        "eventType": "INTEROP_CASE",
+        "eventMetadata": {"tenantId": "diku", "eventTTL": 1, "publishedBy": "mod-java-2.0.0",
+                          "publishedDate": published},
+        "eventPayload": "{\"n\":1}",
+    })
+    .to_string();
+    let (topic, bootstrap) = (app.topic("diku", "INTEROP_CASE"), app.bootstrap());
+    kcat(
+        &[
+            "-b",
+            &bootstrap,
+            "-P",
+            "-t",
+            &topic,
+            "-k",
+            &id,
+            "-H",
+            "X-Okapi-Tenant=diku",
+            "-H",
+            "X-Okapi-Url=http://okapi:9130",
+            "-H",
+            "X-Okapi-Request-Id=req-java-case",
+        ],
+        Some(&value),
+    )
+    .await;
+
+    let pushed = fake.wait_for(callback, 1, Duration::from_secs(20)).await;
+    assert_eq!(pushed[0].body, r#"{"n":1}"#);
+    assert_eq!(pushed[0].headers["x-okapi-tenant"], "diku");
+    assert_eq!(pushed[0].headers["x-pubsub-event-id"], id);
+    assert_eq!(
+        pushed[0].headers["x-okapi-request-id"], "req-java-case",
+        "the publisher's request id, whatever the case of its header name"
+    );
+    let received = wait_until(&got, 1).await;
+    assert_eq!(received[0].tenant, "diku");
+    assert_eq!(received[0].event.id.0.to_string(), id);
     stop.cancel();
     task.await.unwrap();
 }
