@@ -1,7 +1,8 @@
 //! The command-line clients of the `mod-pubsub` binary: `register`, `publish`, `tail`, `replay`.
 //! They use the client library (`mod_pubsub::client`) and the service's own settings: Kafka
-//! from `KAFKA_HOST`, `KAFKA_PORT`, `ENV` and the Kafka security variables; pubsub (or Okapi in
-//! front of it) from `OKAPI_URL`.
+//! from `KAFKA_HOST`, `KAFKA_PORT`, `ENV` and the Kafka security variables (the first three
+//! overridden by `--kafka-host`, `--kafka-port`, `--env`); pubsub (or Okapi in front of it)
+//! from `OKAPI_URL` (`--okapi-url`).
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -10,10 +11,12 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use clap::{Args, Subcommand};
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use serde_json::{json, Value};
 
 use mod_pubsub::client::{DirectPublisher, MessagingDescriptor, OutgoingEvent, Registrar};
+use mod_pubsub::config::KafkaConfig;
 use mod_pubsub::domain::{EventType, ModuleId, TenantId};
 use mod_pubsub::kafka::{client_config, record_headers, Topics};
 
@@ -26,6 +29,48 @@ pub struct Rest {
     /// An Okapi token, sent as X-Okapi-Token.
     #[arg(long, env = "OKAPI_TOKEN", hide_env_values = true)]
     token: Option<String>,
+}
+
+/// Kafka: the service's variables (`KAFKA_HOST`, `KAFKA_PORT`, `ENV`, `KAFKA_TOPIC_NAMESPACE`,
+/// the security settings), the first three overridden by these flags.
+#[derive(Args, Clone)]
+pub struct KafkaArgs {
+    /// Kafka host(s), e.g. kafka or k1,k2:9093; overrides KAFKA_HOST (default localhost).
+    #[arg(long, value_name = "HOSTS")]
+    kafka_host: Option<String>,
+    /// Kafka port of hosts given without one; overrides KAFKA_PORT (default 9092).
+    #[arg(long, value_name = "PORT")]
+    kafka_port: Option<String>,
+    /// The ENV pubsub runs with (the first part of topic names); overrides ENV (default folio).
+    #[arg(long = "env", value_name = "ENV")]
+    env: Option<String>,
+}
+
+impl KafkaArgs {
+    /// `ENV` and the Kafka settings: the environment's, with the flags' overrides; an invalid
+    /// value is reported under the flag's name when a flag gave it.
+    fn settings(&self) -> anyhow::Result<(String, KafkaConfig)> {
+        let overrides = [
+            ("KAFKA_HOST", "--kafka-host", &self.kafka_host),
+            ("KAFKA_PORT", "--kafka-port", &self.kafka_port),
+            ("ENV", "--env", &self.env),
+        ];
+        let mut vars = mod_pubsub::config::process_env();
+        for (var, _, value) in &overrides {
+            if let Some(v) = value {
+                vars.insert((*var).to_owned(), v.clone());
+            }
+        }
+        mod_pubsub::config::kafka_from_map(&vars).map_err(|e| {
+            match overrides
+                .iter()
+                .find(|(var, _, value)| *var == e.var && value.is_some())
+            {
+                Some((_, flag, _)) => anyhow!("{flag}: {}", e.problem),
+                None => anyhow!("{e}"),
+            }
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -57,6 +102,8 @@ the topic but never pushes to it.")]
       --payload '{\"loanId\":\"8b1d…\"}' --key 8b1d…
   mod-pubsub publish --tenant diku --event-type LOAN_CLOSED --published-by mod-circulation-24.0.0 < loan.json
   mod-pubsub publish --via-http --tenant diku --event-type LOAN_CLOSED --published-by mod-circulation-24.0.0 --payload-file loan.json
+  mod-pubsub publish --kafka-host kafka --kafka-port 29092 --env folio --tenant diku --event-type LOAN_CLOSED \\
+      --published-by mod-circulation-24.0.0 --payload-file loan.json
 
 The publisher must be registered for the event type (register it with `mod-pubsub register`).")]
     Publish {
@@ -79,6 +126,8 @@ The publisher must be registered for the event type (register it with `mod-pubsu
         #[arg(long)]
         via_http: bool,
         #[command(flatten)]
+        kafka: KafkaArgs,
+        #[command(flatten)]
         rest: Rest,
     },
     /// Print the events of the given types as they arrive, one JSON line each (tenant, topic,
@@ -86,12 +135,17 @@ The publisher must be registered for the event type (register it with `mod-pubsu
     /// nothing, so no module's position moves.
     #[command(after_help = "Examples:
   mod-pubsub tail --tenant diku --event-type ITEM_CHECKED_OUT
-  mod-pubsub tail --event-type DI_COMPLETED --event-type DI_ERROR --from-beginning --count 10   # every tenant
-  mod-pubsub tail --tenant diku --event-type LOAN_CLOSED | jq .event.eventPayload")]
+  mod-pubsub tail --all-tenants --event-type DI_COMPLETED --event-type DI_ERROR --from-beginning --count 10
+  mod-pubsub tail --tenant diku --event-type LOAN_CLOSED | jq .event.eventPayload
+  mod-pubsub tail --kafka-host kafka --kafka-port 29092 --env folio --tenant diku --event-type LOAN_CLOSED")]
+    #[command(group(clap::ArgGroup::new("tenants").required(true).args(["tenant", "all_tenants"])))]
     Tail {
-        /// One tenant; without it, every tenant (new tenants are picked up within seconds).
+        /// One tenant.
         #[arg(long)]
         tenant: Option<String>,
+        /// Every tenant (tenants that appear later are picked up within seconds).
+        #[arg(long)]
+        all_tenants: bool,
         /// An event type (repeatable).
         #[arg(long = "event-type", required = true)]
         event_types: Vec<String>,
@@ -101,6 +155,8 @@ The publisher must be registered for the event type (register it with `mod-pubsu
         /// Stop after this many events.
         #[arg(long)]
         count: Option<usize>,
+        #[command(flatten)]
+        kafka: KafkaArgs,
     },
     /// Deliver a subscriber module's events again since a point in time (POST
     /// /pubsub/subscribers/{moduleId}/replay), or, with --dead-letters, redeliver its dead
@@ -164,6 +220,7 @@ pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
             payload_file,
             key,
             via_http,
+            kafka,
             rest,
         } => {
             let tenant = parse_tenant(&tenant)?;
@@ -173,6 +230,10 @@ pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
                 (None, Some(f)) => std::fs::read_to_string(&f)
                     .with_context(|| format!("--payload-file {}", f.display()))?,
                 (None, None) => {
+                    use std::io::IsTerminal;
+                    if std::io::stdin().is_terminal() {
+                        bail!("no payload: give --payload or --payload-file, or pipe it to stdin");
+                    }
                     let mut s = String::new();
                     std::io::stdin()
                         .read_to_string(&mut s)
@@ -183,7 +244,7 @@ pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
             let id = if via_http {
                 publish_http(&rest, &tenant, &event_type, &published_by, &payload, key).await?
             } else {
-                let (env, kafka) = mod_pubsub::config::kafka_from_env()?;
+                let (env, kafka) = kafka.settings()?;
                 let publisher = DirectPublisher::with_topics(
                     client_config(&kafka),
                     Topics::new(&env, &kafka),
@@ -191,17 +252,26 @@ pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
                 )?;
                 let mut event = OutgoingEvent::new(&event_type, &published_by, payload);
                 event.key = key;
-                publisher.send(&event).await?
+                publisher.send(&event).await.map_err(|e| {
+                    let e = anyhow!("{e}");
+                    if e.to_string().contains("MessageTimedOut") {
+                        e.context("not acknowledged in time: is Kafka reachable, and does the topic exist? (it is created when a publisher or subscriber of the event type is registered: mod-pubsub register)")
+                    } else {
+                        e
+                    }
+                })?
             };
             println!("{id}");
             Ok(())
         }
         ClientCommand::Tail {
             tenant,
+            all_tenants: _, // `--tenant` absent means every tenant; clap requires one of them
             event_types,
             from_beginning,
             count,
-        } => tail(tenant, event_types, from_beginning, count).await,
+            kafka,
+        } => tail(tenant, event_types, from_beginning, count, &kafka).await,
         ClientCommand::Replay {
             tenant,
             module_id,
@@ -305,8 +375,9 @@ async fn tail(
     event_types: Vec<String>,
     from_beginning: bool,
     count: Option<usize>,
+    kafka: &KafkaArgs,
 ) -> anyhow::Result<()> {
-    let (env, kafka) = mod_pubsub::config::kafka_from_env()?;
+    let (env, kafka) = kafka.settings()?;
     let topics = Topics::new(&env, &kafka);
     let tenant = tenant.map(|t| parse_tenant(&t)).transpose()?;
     let mut subscriptions = Vec::new();
@@ -335,10 +406,24 @@ async fn tail(
     consumer.subscribe(&names).context("subscribing")?;
     eprintln!("tailing {}", subscriptions.join(", "));
     let mut seen = 0;
+    let mut warned_missing = false;
     loop {
-        let msg = tokio::select! {
-            m = consumer.recv() => m.context("Kafka")?,
+        let received = tokio::select! {
+            m = consumer.recv() => m,
             _ = tokio::signal::ctrl_c() => return Ok(()),
+        };
+        let msg = match received {
+            Ok(m) => m,
+            // A topic that does not exist yet: pubsub creates it when a publisher or subscriber
+            // of the event type is registered; the consumer picks it up then.
+            Err(KafkaError::MessageConsumption(RDKafkaErrorCode::UnknownTopicOrPartition)) => {
+                if !warned_missing {
+                    eprintln!("waiting: {} does not exist yet (it is created when a publisher or subscriber of the event type is registered)", subscriptions.join(", "));
+                    warned_missing = true;
+                }
+                continue;
+            }
+            Err(e) => return Err(anyhow!("Kafka: {e}")),
         };
         let headers = record_headers(&msg);
         let value = msg.payload().unwrap_or_default();

@@ -212,18 +212,26 @@ fn read_env_name(r: &Reader<'_>) -> Result<String, ConfigError> {
     Ok(env)
 }
 
-fn process_env() -> HashMap<String, String> {
-    std::env::vars_os()
-        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
-        .collect()
-}
-
 /// Only `ENV` and the Kafka settings, from the process environment: what the command-line
 /// clients (`mod-pubsub publish`, `tail`) need.
 pub fn kafka_from_env() -> Result<(String, KafkaConfig), ConfigError> {
-    let vars = process_env();
-    let r = Reader { vars: &vars };
-    Ok((read_env_name(&r)?, kafka::read(&r, &vars)?))
+    kafka_from_map(&process_env())
+}
+
+/// Only `ENV` and the Kafka settings, from a map of environment variables (the process
+/// environment with the command line's overrides).
+pub fn kafka_from_map(
+    vars: &HashMap<String, String>,
+) -> Result<(String, KafkaConfig), ConfigError> {
+    let r = Reader { vars };
+    Ok((read_env_name(&r)?, kafka::read(&r, vars)?))
+}
+
+/// The process environment (variables whose name or value is not Unicode are left out).
+pub fn process_env() -> HashMap<String, String> {
+    std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect()
 }
 
 impl Config {

@@ -40,7 +40,7 @@ enum Command {
     /// Print the OpenAPI document (as committed in api/openapi.json).
     Openapi,
     #[command(flatten)]
-    Client(cli::ClientCommand),
+    Client(Box<cli::ClientCommand>),
 }
 
 fn init_tracing() {
@@ -66,7 +66,7 @@ fn main() -> ExitCode {
     }
     if let Command::Client(command) = cli.command {
         let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-        return match runtime.block_on(cli::run(command)) {
+        return match runtime.block_on(cli::run(*command)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("mod-pubsub: {e:#}");

@@ -16,20 +16,32 @@ struct Out {
     stderr: String,
 }
 
-/// Runs `mod-pubsub args…` against `app` (its pubsub URL as OKAPI_URL, its broker and ENV).
-async fn cli(app: &TestApp, args: &[&str], stdin: Option<&str>) -> Out {
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mod-pubsub"))
+/// `mod-pubsub args…` against `app` (its pubsub URL as OKAPI_URL, its broker and ENV), then
+/// the variables of `env`; started, with its stdin, stdout and stderr piped.
+fn spawn_cli(app: &TestApp, args: &[&str], env: &[(&str, &str)]) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_mod-pubsub"))
         .args(args)
         .env("OKAPI_URL", &app.base)
         .env("KAFKA_HOST", &app.env["KAFKA_HOST"])
         .env("KAFKA_PORT", &app.env["KAFKA_PORT"])
         .env("ENV", &app.env["ENV"])
+        .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+/// Runs `mod-pubsub args…` against `app` (its pubsub URL as OKAPI_URL, its broker and ENV).
+async fn cli(app: &TestApp, args: &[&str], stdin: Option<&str>) -> Out {
+    cli_env(app, args, stdin, &[]).await
+}
+
+/// [`cli`] with the variables of `env` set after the app's.
+async fn cli_env(app: &TestApp, args: &[&str], stdin: Option<&str>, env: &[(&str, &str)]) -> Out {
+    let mut child = spawn_cli(app, args, env);
     let mut input = child.stdin.take().unwrap();
     if let Some(text) = stdin {
         input.write_all(text.as_bytes()).await.unwrap();
@@ -283,4 +295,227 @@ async fn the_cli_explains_itself_and_refuses_bad_arguments_with_a_message() {
     .await;
     assert!(!out.ok);
     assert!(out.stderr.contains("400"), "{}", out.stderr);
+}
+
+/// `mod-pubsub publish` of `payload` straight to Kafka; the event id.
+async fn publish(app: &TestApp, tenant: &str, event_type: &str, payload: &str) -> String {
+    let out = cli(
+        app,
+        &[
+            "publish",
+            "--tenant",
+            tenant,
+            "--event-type",
+            event_type,
+            "--published-by",
+            "mod-pub-1.0.0",
+            "--payload",
+            payload,
+        ],
+        None,
+    )
+    .await;
+    assert!(out.ok, "{}", out.stderr);
+    out.stdout.trim().to_owned()
+}
+
+#[tokio::test]
+async fn tail_follows_new_events_until_it_is_killed_and_leaves_older_ones_alone() {
+    use tokio::io::AsyncBufReadExt;
+
+    let app = TestApp::spawn().await;
+    crate::publish::register_publisher(&app, "diku", "TAILED", "mod-pub-1.0.0").await;
+    let old = publish(&app, "diku", "TAILED", r#"{"n":"old"}"#).await;
+
+    // Without --from-beginning or --count: new events, for as long as it runs.
+    let mut tail = spawn_cli(
+        &app,
+        &["tail", "--tenant", "diku", "--event-type", "TAILED"],
+        &[],
+    );
+    let mut lines = tokio::io::BufReader::new(tail.stdout.take().unwrap()).lines();
+    // Publish until the tail (whose partitions are assigned in the background) prints one.
+    let mut sent = Vec::new();
+    let line = loop {
+        assert!(sent.len() < 40, "tail printed nothing for {sent:?}");
+        sent.push(publish(&app, "diku", "TAILED", r#"{"n":"new"}"#).await);
+        if let Ok(line) = tokio::time::timeout(Duration::from_millis(500), lines.next_line()).await
+        {
+            break line.unwrap().expect("tail ended without a line");
+        }
+    };
+    let line: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    let id = line["event"]["id"].as_str().unwrap().to_owned();
+    assert!(sent.contains(&id), "{id} is none of {sent:?}");
+    assert_ne!(id, old, "an event from before the tail started");
+    assert_eq!(line["tenant"], "diku");
+    assert_eq!(line["topic"], app.topic("diku", "TAILED"));
+    assert_eq!(line["key"], id.as_str());
+    assert_eq!(line["headers"]["folio.tenantId"], "diku");
+    assert_eq!(line["event"]["eventPayload"], r#"{"n":"new"}"#);
+    assert_eq!(
+        line["event"]["eventMetadata"]["publishedBy"],
+        "mod-pub-1.0.0"
+    );
+    // Still running: it follows until it is stopped.
+    assert!(tail.try_wait().unwrap().is_none(), "tail exited by itself");
+    tail.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn tail_of_all_tenants_and_kafka_flags_over_the_environment() {
+    let app = TestApp::spawn().await;
+    for tenant in ["diku", "other"] {
+        crate::publish::register_publisher(&app, tenant, "EVERYWHERE", "mod-pub-1.0.0").await;
+    }
+    let (host, port, env) = (
+        app.env["KAFKA_HOST"].clone(),
+        app.env["KAFKA_PORT"].clone(),
+        app.env["ENV"].clone(),
+    );
+    // The environment points elsewhere; the flags win.
+    let wrong = [
+        ("KAFKA_HOST", "nowhere.invalid"),
+        ("KAFKA_PORT", "1"),
+        ("ENV", "wrong"),
+    ];
+    let flags = ["--kafka-host", &host, "--kafka-port", &port, "--env", &env];
+    let mut ids = Vec::new();
+    for tenant in ["diku", "other"] {
+        let mut args = vec![
+            "publish",
+            "--tenant",
+            tenant,
+            "--event-type",
+            "EVERYWHERE",
+            "--published-by",
+            "mod-pub-1.0.0",
+            "--payload",
+            "{}",
+        ];
+        args.extend(flags);
+        let out = cli_env(&app, &args, None, &wrong).await;
+        assert!(out.ok, "{}", out.stderr);
+        ids.push(out.stdout.trim().to_owned());
+    }
+    let mut args = vec![
+        "tail",
+        "--all-tenants",
+        "--event-type",
+        "EVERYWHERE",
+        "--from-beginning",
+        "--count",
+        "2",
+    ];
+    args.extend(flags);
+    let out = cli_env(&app, &args, None, &wrong).await;
+    assert!(out.ok, "{}", out.stderr);
+    let mut got: Vec<(String, String)> = out
+        .stdout
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            (
+                v["tenant"].as_str().unwrap().to_owned(),
+                v["event"]["id"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("diku".to_owned(), ids[0].clone()),
+            ("other".to_owned(), ids[1].clone())
+        ]
+    );
+
+    // A flag's bad value is reported under the flag's name; neither tenant flag, or both, is refused.
+    for (args, expected) in [
+        (
+            vec![
+                "tail",
+                "--tenant",
+                "diku",
+                "--event-type",
+                "X",
+                "--kafka-port",
+                "abc",
+            ],
+            "--kafka-port",
+        ),
+        (
+            vec![
+                "tail",
+                "--tenant",
+                "diku",
+                "--event-type",
+                "X",
+                "--env",
+                "a.b",
+            ],
+            "--env",
+        ),
+        (vec!["tail", "--event-type", "X"], "--all-tenants"),
+        (
+            vec![
+                "tail",
+                "--tenant",
+                "diku",
+                "--all-tenants",
+                "--event-type",
+                "X",
+            ],
+            "cannot be used with",
+        ),
+    ] {
+        let out = cli(&app, &args, None).await;
+        assert!(!out.ok, "{args:?} succeeded");
+        assert!(out.stderr.contains(expected), "{args:?}: {}", out.stderr);
+        assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+    }
+}
+
+#[tokio::test]
+async fn tail_waits_for_a_topic_that_does_not_exist_yet() {
+    use tokio::io::AsyncBufReadExt;
+
+    let app = TestApp::spawn().await;
+    let mut tail = spawn_cli(
+        &app,
+        &["tail", "--tenant", "diku", "--event-type", "LATER"],
+        &[],
+    );
+    let mut stderr = tokio::io::BufReader::new(tail.stderr.take().unwrap()).lines();
+    let waiting = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = stderr.next_line().await.unwrap() {
+            if line.contains("does not exist yet") {
+                return line;
+            }
+        }
+        panic!("tail ended without saying it waits");
+    })
+    .await
+    .expect("tail says it waits for the topic");
+    assert!(waiting.contains(&app.topic("diku", "LATER")), "{waiting}");
+
+    // Registering creates the topic; the tail picks it up and prints what is published then.
+    crate::publish::register_publisher(&app, "diku", "LATER", "mod-pub-1.0.0").await;
+    let mut lines = tokio::io::BufReader::new(tail.stdout.take().unwrap()).lines();
+    let mut sent = Vec::new();
+    let line = loop {
+        assert!(sent.len() < 60, "tail printed nothing for {sent:?}");
+        assert!(tail.try_wait().unwrap().is_none(), "tail exited");
+        sent.push(publish(&app, "diku", "LATER", "{}").await);
+        if let Ok(line) = tokio::time::timeout(Duration::from_millis(500), lines.next_line()).await
+        {
+            break line.unwrap().expect("tail ended without a line");
+        }
+    };
+    let line: Value = serde_json::from_str(&line).unwrap();
+    assert!(
+        sent.iter().any(|id| line["event"]["id"] == id.as_str()),
+        "{line}"
+    );
+    tail.kill().await.unwrap();
 }
