@@ -289,7 +289,8 @@ async fn an_event_kcat_writes_as_a_java_module_would_is_pushed_to_http_subscribe
 }
 
 #[tokio::test]
-async fn okapi_headers_in_okapi_commons_spelling_and_no_folio_tenant_id_header_are_understood() {
+async fn java_records_with_okapi_commons_header_names_no_folio_tenant_id_and_no_published_date_are_delivered(
+) {
     // folio-kafka-wrapper's propagateOkapiHeaders keeps the names as the module's header map
     // spells them, usually okapi-common's `X-Okapi-Tenant`, `X-Okapi-Url`, `X-Okapi-Request-Id`;
     // wrapper versions before KAFKAWRAP-38 wrote no `folio.tenantId` header at all.
@@ -321,6 +322,16 @@ async fn okapi_headers_in_okapi_commons_spelling_and_no_folio_tenant_id_header_a
         "eventPayload": "{\"n\":1}",
     })
     .to_string();
+    // And as SRM's EventHandlingUtil builds events: no publishedDate (the record's timestamp
+    // stands in for it).
+    let id2 = new_id();
+    let value2 = json!({
+        "id": id2,
+        "eventType": "INTEROP_CASE",
+        "eventMetadata": {"tenantId": "diku", "eventTTL": 1, "publishedBy": "mod-java-2.0.0"},
+        "eventPayload": "{\"n\":2}",
+    })
+    .to_string();
     let (topic, bootstrap) = (app.topic("diku", "INTEROP_CASE"), app.bootstrap());
     kcat(
         &[
@@ -338,11 +349,12 @@ async fn okapi_headers_in_okapi_commons_spelling_and_no_folio_tenant_id_header_a
             "-H",
             "X-Okapi-Request-Id=req-java-case",
         ],
-        Some(&value),
+        // One record per line.
+        Some(&format!("{value}\n{value2}\n")),
     )
     .await;
 
-    let pushed = fake.wait_for(callback, 1, Duration::from_secs(20)).await;
+    let pushed = fake.wait_for(callback, 2, Duration::from_secs(20)).await;
     assert_eq!(pushed[0].body, r#"{"n":1}"#);
     assert_eq!(pushed[0].headers["x-okapi-tenant"], "diku");
     assert_eq!(pushed[0].headers["x-pubsub-event-id"], id);
@@ -350,9 +362,12 @@ async fn okapi_headers_in_okapi_commons_spelling_and_no_folio_tenant_id_header_a
         pushed[0].headers["x-okapi-request-id"], "req-java-case",
         "the publisher's request id, whatever the case of its header name"
     );
-    let received = wait_until(&got, 1).await;
+    assert_eq!(pushed[1].body, r#"{"n":2}"#);
+    assert_eq!(pushed[1].headers["x-pubsub-event-id"], id2);
+    let received = wait_until(&got, 2).await;
     assert_eq!(received[0].tenant, "diku");
     assert_eq!(received[0].event.id.0.to_string(), id);
+    assert_eq!(received[1].event.id.0.to_string(), id2);
     stop.cancel();
     task.await.unwrap();
 }
