@@ -8,7 +8,11 @@
 //! * (a) a raw rdkafka producer with the service's settings, each task awaiting its ack;
 //! * (b) a raw producer pipelining freely (queue everything, then await all acks).
 //!
-//! and prints events/s and the ratios HTTP/(a) and HTTP/(b).
+//! and prints events/s, the ratios HTTP/(a) and HTTP/(b), and the CPU time per event of the
+//! service, of its PostgreSQL backends and of this process (the HTTP load generator during the
+//! HTTP case, the producer during (a)). The CPU figures divide by the events/s times the case's
+//! nominal duration, so they are approximate (±a few %), but they do not depend on what else
+//! runs on the machine the way events/s do.
 
 mod common;
 
@@ -16,7 +20,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{env_or, envelope, payload, raw_producer, Service, Setup};
+use bytes::Bytes;
+use common::{env_or, envelope, payload, raw_producer, CpuSample, Service, Setup};
+use http_body_util::{BodyExt, Full};
 use rdkafka::producer::FutureRecord;
 use rdkafka::util::Timeout;
 use serde_json::json;
@@ -27,39 +33,62 @@ fn seconds_per_case() -> Duration {
     Duration::from_secs_f64(env_or("BENCH_SECONDS", "4").parse().unwrap_or(4.0))
 }
 
+/// The HTTP load generator: one keep-alive HTTP/1.1 connection per client (hyper's low-level
+/// client), bodies built from a pre-serialized template with a fresh event id. Its CPU is
+/// measurement overhead, not the service's cost, so it does as little as it can.
 async fn http_case(service: &Service, concurrency: usize, duration: Duration) -> f64 {
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(concurrency)
-        .build()
-        .unwrap();
+    const ID: &str = "00000000-0000-0000-0000-000000000000";
+    let template = json!({
+        "id": ID,
+        "eventType": "BENCH_EVENT",
+        "eventMetadata": {"tenantId": "bench", "eventTTL": 1, "publishedBy": "mod-bench-1.0.0"},
+        "eventPayload": payload(),
+    })
+    .to_string();
+    let (prefix, suffix) = template.split_once(ID).unwrap();
+    let (prefix, suffix) = (Arc::new(prefix.to_owned()), Arc::new(suffix.to_owned()));
+    let addr = service.base.trim_start_matches("http://").to_owned();
     let done = Arc::new(AtomicU64::new(0));
-    let payload = payload();
     let start = Instant::now();
     let deadline = start + duration;
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
-        let (client, done, base, payload) = (
-            client.clone(),
-            done.clone(),
-            service.base.clone(),
-            payload.clone(),
-        );
+        let (done, addr, prefix, suffix) =
+            (done.clone(), addr.clone(), prefix.clone(), suffix.clone());
         tasks.push(tokio::spawn(async move {
+            let tcp = tokio::net::TcpStream::connect(&addr)
+                .await
+                .expect("connect");
+            tcp.set_nodelay(true).unwrap();
+            let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(
+                hyper_util::rt::TokioIo::new(tcp),
+            )
+            .await
+            .expect("handshake");
+            tokio::spawn(conn);
+            let mut id = [0u8; 36];
             while Instant::now() < deadline {
-                let event = json!({
-                    "id": uuid::Uuid::new_v4().to_string(),
-                    "eventType": "BENCH_EVENT",
-                    "eventMetadata": {"tenantId": "bench", "eventTTL": 1, "publishedBy": "mod-bench-1.0.0"},
-                    "eventPayload": payload,
-                });
-                let r = client
-                    .post(format!("{base}/pubsub/publish"))
-                    .header("X-Okapi-Tenant", "bench")
-                    .json(&event)
-                    .send()
+                let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut id);
+                let mut body = Vec::with_capacity(prefix.len() + id.len() + suffix.len());
+                body.extend_from_slice(prefix.as_bytes());
+                body.extend_from_slice(id.as_bytes());
+                body.extend_from_slice(suffix.as_bytes());
+                let request = hyper::Request::post("/pubsub/publish")
+                    .header("host", &addr)
+                    .header("content-type", "application/json")
+                    .header("x-okapi-tenant", "bench")
+                    .body(Full::new(Bytes::from(body)))
+                    .unwrap();
+                sender.ready().await.expect("connection");
+                let response = sender.send_request(request).await.expect("publish");
+                let status = response.status();
+                let text = response
+                    .into_body()
+                    .collect()
                     .await
-                    .expect("publish");
-                assert_eq!(r.status(), 204, "{}", r.text().await.unwrap_or_default());
+                    .expect("body")
+                    .to_bytes();
+                assert_eq!(status, 204, "{}", String::from_utf8_lossy(&text));
                 done.fetch_add(1, Ordering::Relaxed);
             }
         }));
@@ -145,8 +174,10 @@ async fn main() {
         "publish throughput, 1 KB payloads, {:.0} s per case, events/s",
         seconds.as_secs_f64()
     );
-    println!("| concurrency | HTTP publish | (a) raw, awaiting each | (b) raw, pipelined | HTTP/(a) | HTTP/(b) |");
-    println!("|---:|---:|---:|---:|---:|---:|");
+    println!("| concurrency | HTTP publish | (a) raw, awaiting each | (b) raw, pipelined | HTTP/(a) | HTTP/(b) | CPU µs/event: service | PostgreSQL | HTTP load generator | (a) producer |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let cpu = || CpuSample::now(service.pid(), &setup.database);
+    let per_event = |d: Duration, rate: f64| d.as_secs_f64() * 1e6 / (rate * seconds.as_secs_f64());
     // BENCH_CONCURRENCY=64 runs one concurrency; BENCH_ONLY=http skips the raw producers (profiling).
     let only: Option<usize> = std::env::var("BENCH_CONCURRENCY")
         .ok()
@@ -156,19 +187,28 @@ async fn main() {
         .into_iter()
         .filter(|c| only.is_none_or(|o| o == *c))
     {
+        let before = cpu();
         let http = http_case(&service, c, seconds).await;
+        let used = cpu().since(before);
+        let (service_us, postgres_us, client_us) = (
+            per_event(used.service, http),
+            per_event(used.postgres, http),
+            per_event(used.bench, http),
+        );
         if http_only {
-            println!("| {c} | {http:.0} | | | | |");
+            println!("| {c} | {http:.0} | | | | | {service_us:.0} | {postgres_us:.0} | {client_us:.0} | |");
             continue;
         }
+        let before = cpu();
         let awaiting = raw_awaiting(&topic, c, seconds).await;
+        let producer_us = per_event(cpu().since(before).bench, awaiting);
         let pipelined = raw_pipelined(
             &topic,
             (awaiting * seconds.as_secs_f64()).clamp(5_000.0, 100_000.0) as usize,
         )
         .await;
         println!(
-            "| {c} | {http:.0} | {awaiting:.0} | {pipelined:.0} | {:.2} | {:.2} |",
+            "| {c} | {http:.0} | {awaiting:.0} | {pipelined:.0} | {:.2} | {:.2} | {service_us:.0} | {postgres_us:.0} | {client_us:.0} | {producer_us:.0} |",
             http / awaiting,
             http / pipelined
         );

@@ -128,6 +128,10 @@ impl Service {
         panic!("service did not start");
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn peak_rss_mib(&self) -> f64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
             .unwrap_or_default();
@@ -189,6 +193,76 @@ impl Drop for Service {
             .args(["-TERM", &self.child.id().to_string()])
             .status();
         let _ = self.child.wait();
+    }
+}
+
+/// CPU time (user + system, all threads) a process has used so far; zero if it is gone.
+pub fn process_cpu(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command (which may contain spaces): state is field 3, utime 14, stime 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let ticks: u64 = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse::<u64>().ok())
+        .sum();
+    Duration::from_secs_f64(ticks as f64 / clock_ticks())
+}
+
+fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// CPU time so far of the PostgreSQL backends connected to `database` (the service's pool).
+pub fn postgres_cpu(database: &str) -> Duration {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Duration::ZERO;
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                let c = String::from_utf8_lossy(&c);
+                c.starts_with("postgres:") && c.split_whitespace().any(|w| w == database)
+            })
+        })
+        .map(process_cpu)
+        .sum()
+}
+
+/// CPU used by the service, its PostgreSQL backends and this process (the load generator or
+/// the raw producer) between two points.
+#[derive(Clone, Copy)]
+pub struct CpuSample {
+    pub service: Duration,
+    pub postgres: Duration,
+    pub bench: Duration,
+}
+
+impl CpuSample {
+    pub fn now(service_pid: u32, database: &str) -> CpuSample {
+        CpuSample {
+            service: process_cpu(service_pid),
+            postgres: postgres_cpu(database),
+            bench: process_cpu(std::process::id()),
+        }
+    }
+
+    pub fn since(self, earlier: CpuSample) -> CpuSample {
+        CpuSample {
+            service: self.service.saturating_sub(earlier.service),
+            postgres: self.postgres.saturating_sub(earlier.postgres),
+            bench: self.bench.saturating_sub(earlier.bench),
+        }
     }
 }
 
