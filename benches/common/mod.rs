@@ -97,8 +97,21 @@ impl Service {
             .local_addr()
             .unwrap()
             .port();
-        let bin = format!("{}/target/release/mod-pubsub", env!("CARGO_MANIFEST_DIR"));
-        let mut cmd = Command::new(&bin);
+        // BENCH_SERVICE_BIN runs another build; BENCH_SERVICE_WRAPPER prefixes the command,
+        // e.g. `valgrind --tool=callgrind --separate-threads=yes` (profiling).
+        let bin = std::env::var("BENCH_SERVICE_BIN").unwrap_or_else(|_| {
+            format!("{}/target/release/mod-pubsub", env!("CARGO_MANIFEST_DIR"))
+        });
+        let wrapper = env_or("BENCH_SERVICE_WRAPPER", "");
+        let mut words = wrapper.split_whitespace();
+        let mut cmd = match words.next() {
+            Some(program) => {
+                let mut cmd = Command::new(program);
+                cmd.args(words).arg(&bin);
+                cmd
+            }
+            None => Command::new(&bin),
+        };
         cmd.args(["serve", "--port", &port.to_string()])
             .env("DB_DATABASE", &setup.database)
             .env("DB_MAXPOOLSIZE", "10")
@@ -115,7 +128,7 @@ impl Service {
         });
         let base = format!("http://127.0.0.1:{port}");
         let client = reqwest::Client::new();
-        for _ in 0..400 {
+        for _ in 0..2400 {
             if let Ok(r) = client.get(format!("{base}/admin/health")).send().await {
                 if r.status() == 200 {
                     return Service { child, base };
