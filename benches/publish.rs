@@ -29,6 +29,9 @@ use serde_json::json;
 
 const CONCURRENCY: [usize; 3] = [1, 16, 64];
 
+/// Every 204 of the run, warm-up included (per-event figures of a profiled service).
+static PUBLISHED: AtomicU64 = AtomicU64::new(0);
+
 fn seconds_per_case() -> Duration {
     Duration::from_secs_f64(env_or("BENCH_SECONDS", "4").parse().unwrap_or(4.0))
 }
@@ -90,6 +93,7 @@ async fn http_case(service: &Service, concurrency: usize, duration: Duration) ->
                     .to_bytes();
                 assert_eq!(status, 204, "{}", String::from_utf8_lossy(&text));
                 done.fetch_add(1, Ordering::Relaxed);
+                PUBLISHED.fetch_add(1, Ordering::Relaxed);
             }
         }));
     }
@@ -213,7 +217,11 @@ async fn main() {
             http / pipelined
         );
     }
-    println!("service peak RSS: {:.1} MiB", service.peak_rss_mib());
+    println!(
+        "service peak RSS: {:.1} MiB; {} HTTP publishes in this run, warm-up included",
+        service.peak_rss_mib(),
+        PUBLISHED.load(Ordering::Relaxed)
+    );
 
     drop(service);
     setup.drop_database().await;
