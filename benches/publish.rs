@@ -4,15 +4,17 @@
 //! release binary). The service runs as its own process (`target/release/mod-pubsub`), so its
 //! peak RSS is its own. For each concurrency (1, 16, 64) the bench measures, for a fixed time:
 //!
-//! * HTTP: `POST /pubsub/publish` of a 1 KB payload, each client awaiting its 204;
+//! * HTTP: `POST /pubsub/publish` of a 1 KB payload, each client awaiting its 204 (one keep-alive
+//!   connection per client);
 //! * (a) a raw rdkafka producer with the service's settings, each task awaiting its ack;
 //! * (b) a raw producer pipelining freely (queue everything, then await all acks).
 //!
 //! and prints events/s, the ratios HTTP/(a) and HTTP/(b), and the CPU time per event of the
 //! service, of its PostgreSQL backends and of this process (the HTTP load generator during the
-//! HTTP case, the producer during (a)). The CPU figures divide by the events/s times the case's
-//! nominal duration, so they are approximate (±a few %), but they do not depend on what else
-//! runs on the machine the way events/s do.
+//! HTTP case, the producer during (a)). The CPU figures are divided by the number of
+//! events measured; they depend much less on what else runs on the machine than events/s do.
+//! HTTP and (a) alternate in `BENCH_ROUNDS` slices (default 4) of each case's `BENCH_SECONDS`
+//! (default 4), so that drift of the shared machine or the broker hits both alike.
 
 mod common;
 
@@ -32,6 +34,12 @@ const CONCURRENCY: [usize; 3] = [1, 16, 64];
 /// Every 204 of the run, warm-up included (per-event figures of a profiled service).
 static PUBLISHED: AtomicU64 = AtomicU64::new(0);
 
+/// Each case's time is split into this many slices, HTTP and (a) alternating, so that a slow
+/// spell of the shared machine or the broker hits both sides alike.
+fn rounds() -> u32 {
+    env_or("BENCH_ROUNDS", "4").parse().unwrap_or(4).max(1)
+}
+
 fn seconds_per_case() -> Duration {
     Duration::from_secs_f64(env_or("BENCH_SECONDS", "4").parse().unwrap_or(4.0))
 }
@@ -39,7 +47,7 @@ fn seconds_per_case() -> Duration {
 /// The HTTP load generator: one keep-alive HTTP/1.1 connection per client (hyper's low-level
 /// client), bodies built from a pre-serialized template with a fresh event id. Its CPU is
 /// measurement overhead, not the service's cost, so it does as little as it can.
-async fn http_case(service: &Service, concurrency: usize, duration: Duration) -> f64 {
+async fn http_case(service: &Service, concurrency: usize, duration: Duration) -> (u64, Duration) {
     const ID: &str = "00000000-0000-0000-0000-000000000000";
     let template = json!({
         "id": ID,
@@ -100,10 +108,10 @@ async fn http_case(service: &Service, concurrency: usize, duration: Duration) ->
     for t in tasks {
         t.await.unwrap();
     }
-    done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+    (done.load(Ordering::Relaxed), start.elapsed())
 }
 
-async fn raw_awaiting(topic: &str, concurrency: usize, duration: Duration) -> f64 {
+async fn raw_awaiting(topic: &str, concurrency: usize, duration: Duration) -> (u64, Duration) {
     let producer = raw_producer();
     let done = Arc::new(AtomicU64::new(0));
     let payload = payload();
@@ -135,7 +143,7 @@ async fn raw_awaiting(topic: &str, concurrency: usize, duration: Duration) -> f6
     for t in tasks {
         t.await.unwrap();
     }
-    done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+    (done.load(Ordering::Relaxed), start.elapsed())
 }
 
 async fn raw_pipelined(topic: &str, count: usize) -> f64 {
@@ -175,37 +183,57 @@ async fn main() {
     raw_awaiting(&topic, 4, Duration::from_millis(500)).await;
 
     println!(
-        "publish throughput, 1 KB payloads, {:.0} s per case, events/s",
-        seconds.as_secs_f64()
+        "publish throughput, 1 KB payloads, {:.0} s per case (HTTP and (a) alternating in {} slices), events/s",
+        seconds.as_secs_f64(),
+        rounds()
     );
     println!("| concurrency | HTTP publish | (a) raw, awaiting each | (b) raw, pipelined | HTTP/(a) | HTTP/(b) | CPU µs/event: service | PostgreSQL | HTTP load generator | (a) producer |");
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let cpu = || CpuSample::now(service.pid(), &setup.database);
-    let per_event = |d: Duration, rate: f64| d.as_secs_f64() * 1e6 / (rate * seconds.as_secs_f64());
+    let per_event = |d: Duration, events: u64| d.as_secs_f64() * 1e6 / events.max(1) as f64;
     // BENCH_CONCURRENCY=64 runs one concurrency; BENCH_ONLY=http skips the raw producers (profiling).
     let only: Option<usize> = std::env::var("BENCH_CONCURRENCY")
         .ok()
         .and_then(|v| v.parse().ok());
     let http_only = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "http");
+    let slice = seconds / rounds();
     for c in CONCURRENCY
         .into_iter()
         .filter(|c| only.is_none_or(|o| o == *c))
     {
-        let before = cpu();
-        let http = http_case(&service, c, seconds).await;
-        let used = cpu().since(before);
+        let (mut http_events, mut http_time, mut http_cpu) = (0, Duration::ZERO, CpuSample::ZERO);
+        let (mut raw_events, mut raw_time, mut raw_cpu) = (0, Duration::ZERO, CpuSample::ZERO);
+        for _ in 0..rounds() {
+            let before = cpu();
+            let (n, t) = http_case(&service, c, slice).await;
+            (http_events, http_time, http_cpu) = (
+                http_events + n,
+                http_time + t,
+                http_cpu.plus(cpu().since(before)),
+            );
+            if http_only {
+                continue;
+            }
+            let before = cpu();
+            let (n, t) = raw_awaiting(&topic, c, slice).await;
+            (raw_events, raw_time, raw_cpu) = (
+                raw_events + n,
+                raw_time + t,
+                raw_cpu.plus(cpu().since(before)),
+            );
+        }
+        let http = http_events as f64 / http_time.as_secs_f64();
         let (service_us, postgres_us, client_us) = (
-            per_event(used.service, http),
-            per_event(used.postgres, http),
-            per_event(used.bench, http),
+            per_event(http_cpu.service, http_events),
+            per_event(http_cpu.postgres, http_events),
+            per_event(http_cpu.bench, http_events),
         );
         if http_only {
             println!("| {c} | {http:.0} | | | | | {service_us:.0} | {postgres_us:.0} | {client_us:.0} | |");
             continue;
         }
-        let before = cpu();
-        let awaiting = raw_awaiting(&topic, c, seconds).await;
-        let producer_us = per_event(cpu().since(before).bench, awaiting);
+        let awaiting = raw_events as f64 / raw_time.as_secs_f64();
+        let producer_us = per_event(raw_cpu.bench, raw_events);
         let pipelined = raw_pipelined(
             &topic,
             (awaiting * seconds.as_secs_f64()).clamp(5_000.0, 100_000.0) as usize,

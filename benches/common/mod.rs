@@ -270,6 +270,20 @@ impl CpuSample {
         }
     }
 
+    pub const ZERO: CpuSample = CpuSample {
+        service: Duration::ZERO,
+        postgres: Duration::ZERO,
+        bench: Duration::ZERO,
+    };
+
+    pub fn plus(self, other: CpuSample) -> CpuSample {
+        CpuSample {
+            service: self.service + other.service,
+            postgres: self.postgres + other.postgres,
+            bench: self.bench + other.bench,
+        }
+    }
+
     pub fn since(self, earlier: CpuSample) -> CpuSample {
         CpuSample {
             service: self.service.saturating_sub(earlier.service),
