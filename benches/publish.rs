@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::{env_or, envelope, payload, raw_producer, CpuSample, Service, Setup};
 use http_body_util::{BodyExt, Full};
-use rdkafka::producer::FutureRecord;
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use serde_json::json;
 
@@ -111,8 +111,12 @@ async fn http_case(service: &Service, concurrency: usize, duration: Duration) ->
     (done.load(Ordering::Relaxed), start.elapsed())
 }
 
-async fn raw_awaiting(topic: &str, concurrency: usize, duration: Duration) -> (u64, Duration) {
-    let producer = raw_producer();
+async fn raw_awaiting(
+    producer: &FutureProducer,
+    topic: &str,
+    concurrency: usize,
+    duration: Duration,
+) -> (u64, Duration) {
     let done = Arc::new(AtomicU64::new(0));
     let payload = payload();
     let start = Instant::now();
@@ -146,8 +150,7 @@ async fn raw_awaiting(topic: &str, concurrency: usize, duration: Duration) -> (u
     (done.load(Ordering::Relaxed), start.elapsed())
 }
 
-async fn raw_pipelined(topic: &str, count: usize) -> f64 {
-    let producer = raw_producer();
+async fn raw_pipelined(producer: &FutureProducer, topic: &str, count: usize) -> f64 {
     let payload = payload();
     let start = Instant::now();
     let mut acks = Vec::with_capacity(count);
@@ -180,7 +183,10 @@ async fn main() {
     let seconds = seconds_per_case();
     // Warm-up: connections, metadata, producer ids.
     http_case(&service, 4, Duration::from_millis(500)).await;
-    raw_awaiting(&topic, 4, Duration::from_millis(500)).await;
+    // One raw producer for the run, like the service's: its start (metadata, producer id) is
+    // not measured.
+    let producer = raw_producer();
+    raw_awaiting(&producer, &topic, 4, Duration::from_millis(500)).await;
 
     println!(
         "publish throughput, 1 KB payloads, {:.0} s per case (HTTP and (a) alternating in {} slices), events/s",
@@ -215,7 +221,7 @@ async fn main() {
                 continue;
             }
             let before = cpu();
-            let (n, t) = raw_awaiting(&topic, c, slice).await;
+            let (n, t) = raw_awaiting(&producer, &topic, c, slice).await;
             (raw_events, raw_time, raw_cpu) = (
                 raw_events + n,
                 raw_time + t,
@@ -235,6 +241,7 @@ async fn main() {
         let awaiting = raw_events as f64 / raw_time.as_secs_f64();
         let producer_us = per_event(raw_cpu.bench, raw_events);
         let pipelined = raw_pipelined(
+            &producer,
             &topic,
             (awaiting * seconds.as_secs_f64()).clamp(5_000.0, 100_000.0) as usize,
         )
