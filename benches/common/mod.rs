@@ -47,6 +47,38 @@ pub struct Setup {
 }
 
 impl Setup {
+    async fn delete_topics(&self) {
+        use rdkafka::admin::{AdminClient, AdminOptions};
+        use rdkafka::client::DefaultClientContext;
+        let Ok(admin) = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap())
+            .create::<AdminClient<DefaultClientContext>>()
+        else {
+            return;
+        };
+        let prefix = format!("{}.", self.env_prefix);
+        let Ok(metadata) = admin
+            .inner()
+            .fetch_metadata(None, rdkafka::util::Timeout::After(Duration::from_secs(10)))
+        else {
+            return;
+        };
+        let ours: Vec<String> = metadata
+            .topics()
+            .iter()
+            .map(|t| t.name().to_owned())
+            .filter(|n| n.starts_with(&prefix))
+            .collect();
+        if ours.is_empty() {
+            return;
+        }
+        let names: Vec<&str> = ours.iter().map(String::as_str).collect();
+        match admin.delete_topics(&names, &AdminOptions::new()).await {
+            Ok(results) => eprintln!("bench topics deleted: {results:?}"),
+            Err(e) => eprintln!("could not delete the bench topics {names:?}: {e}"),
+        }
+    }
+
     pub async fn new() -> Setup {
         let database = format!("bench_{}", uuid::Uuid::new_v4().simple());
         let opts = sqlx::postgres::PgConnectOptions::new()
@@ -74,7 +106,10 @@ impl Setup {
         format!("{}.Default.{TENANT}.{EVENT_TYPE}", self.env_prefix)
     }
 
+    /// Drops the bench's database and deletes its topics (the broker may keep every record in
+    /// memory: a bench run writes some 100 MB).
     pub async fn drop_database(mut self) {
+        self.delete_topics().await;
         let _ = sqlx::query(&format!(
             "DROP DATABASE IF EXISTS {} WITH (FORCE)",
             self.database
