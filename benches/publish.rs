@@ -4,11 +4,17 @@
 //! release binary). The service runs as its own process (`target/release/mod-pubsub`), so its
 //! peak RSS is its own. For each concurrency (1, 16, 64) the bench measures, for a fixed time:
 //!
-//! * HTTP: `POST /pubsub/publish` of a 1 KB payload, each client awaiting its 204;
+//! * HTTP: `POST /pubsub/publish` of a 1 KB payload, each client awaiting its 204 (one keep-alive
+//!   connection per client);
 //! * (a) a raw rdkafka producer with the service's settings, each task awaiting its ack;
 //! * (b) a raw producer pipelining freely (queue everything, then await all acks).
 //!
-//! and prints events/s and the ratios HTTP/(a) and HTTP/(b).
+//! and prints events/s, the ratios HTTP/(a) and HTTP/(b), and the CPU time per event of the
+//! service, of its PostgreSQL backends and of this process (the HTTP load generator during the
+//! HTTP case, the producer during (a)). The CPU figures are divided by the number of
+//! events measured; they depend much less on what else runs on the machine than events/s do.
+//! HTTP and (a) alternate in `BENCH_ROUNDS` slices (default 4) of each case's `BENCH_SECONDS`
+//! (default 4), so that drift of the shared machine or the broker hits both alike.
 
 mod common;
 
@@ -16,62 +22,101 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{env_or, envelope, payload, raw_producer, Broker, Service, Setup};
-use rdkafka::producer::FutureRecord;
+use bytes::Bytes;
+use common::{env_or, envelope, payload, raw_producer, Broker, CpuSample, Service, Setup};
+use http_body_util::{BodyExt, Full};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use serde_json::json;
 
 const CONCURRENCY: [usize; 3] = [1, 16, 64];
 
+/// Every 204 of the run, warm-up included (per-event figures of a profiled service).
+static PUBLISHED: AtomicU64 = AtomicU64::new(0);
+
+/// Each case's time is split into this many slices, HTTP and (a) alternating, so that a slow
+/// spell of the shared machine or the broker hits both sides alike.
+fn rounds() -> u32 {
+    env_or("BENCH_ROUNDS", "4").parse().unwrap_or(4).max(1)
+}
+
 fn seconds_per_case() -> Duration {
     Duration::from_secs_f64(env_or("BENCH_SECONDS", "4").parse().unwrap_or(4.0))
 }
 
-async fn http_case(service: &Service, concurrency: usize, duration: Duration) -> f64 {
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(concurrency)
-        .build()
-        .unwrap();
+/// The HTTP load generator: one keep-alive HTTP/1.1 connection per client (hyper's low-level
+/// client), bodies built from a pre-serialized template with a fresh event id. Its CPU is
+/// measurement overhead, not the service's cost, so it does as little as it can.
+async fn http_case(service: &Service, concurrency: usize, duration: Duration) -> (u64, Duration) {
+    const ID: &str = "00000000-0000-0000-0000-000000000000";
+    let template = json!({
+        "id": ID,
+        "eventType": "BENCH_EVENT",
+        "eventMetadata": {"tenantId": "bench", "eventTTL": 1, "publishedBy": "mod-bench-1.0.0"},
+        "eventPayload": payload(),
+    })
+    .to_string();
+    let (prefix, suffix) = template.split_once(ID).unwrap();
+    let (prefix, suffix) = (Arc::new(prefix.to_owned()), Arc::new(suffix.to_owned()));
+    let addr = service.base.trim_start_matches("http://").to_owned();
     let done = Arc::new(AtomicU64::new(0));
-    let payload = payload();
     let start = Instant::now();
     let deadline = start + duration;
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
-        let (client, done, base, payload) = (
-            client.clone(),
-            done.clone(),
-            service.base.clone(),
-            payload.clone(),
-        );
+        let (done, addr, prefix, suffix) =
+            (done.clone(), addr.clone(), prefix.clone(), suffix.clone());
         tasks.push(tokio::spawn(async move {
+            let tcp = tokio::net::TcpStream::connect(&addr)
+                .await
+                .expect("connect");
+            tcp.set_nodelay(true).unwrap();
+            let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(
+                hyper_util::rt::TokioIo::new(tcp),
+            )
+            .await
+            .expect("handshake");
+            tokio::spawn(conn);
+            let mut id = [0u8; 36];
             while Instant::now() < deadline {
-                let event = json!({
-                    "id": uuid::Uuid::new_v4().to_string(),
-                    "eventType": "BENCH_EVENT",
-                    "eventMetadata": {"tenantId": "bench", "eventTTL": 1, "publishedBy": "mod-bench-1.0.0"},
-                    "eventPayload": payload,
-                });
-                let r = client
-                    .post(format!("{base}/pubsub/publish"))
-                    .header("X-Okapi-Tenant", "bench")
-                    .json(&event)
-                    .send()
+                let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut id);
+                let mut body = Vec::with_capacity(prefix.len() + id.len() + suffix.len());
+                body.extend_from_slice(prefix.as_bytes());
+                body.extend_from_slice(id.as_bytes());
+                body.extend_from_slice(suffix.as_bytes());
+                let request = hyper::Request::post("/pubsub/publish")
+                    .header("host", &addr)
+                    .header("content-type", "application/json")
+                    .header("x-okapi-tenant", "bench")
+                    .body(Full::new(Bytes::from(body)))
+                    .unwrap();
+                sender.ready().await.expect("connection");
+                let response = sender.send_request(request).await.expect("publish");
+                let status = response.status();
+                let text = response
+                    .into_body()
+                    .collect()
                     .await
-                    .expect("publish");
-                assert_eq!(r.status(), 204, "{}", r.text().await.unwrap_or_default());
+                    .expect("body")
+                    .to_bytes();
+                assert_eq!(status, 204, "{}", String::from_utf8_lossy(&text));
                 done.fetch_add(1, Ordering::Relaxed);
+                PUBLISHED.fetch_add(1, Ordering::Relaxed);
             }
         }));
     }
     for t in tasks {
         t.await.unwrap();
     }
-    done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+    (done.load(Ordering::Relaxed), start.elapsed())
 }
 
-async fn raw_awaiting(bootstrap: &str, topic: &str, concurrency: usize, duration: Duration) -> f64 {
-    let producer = raw_producer(bootstrap);
+async fn raw_awaiting(
+    producer: &FutureProducer,
+    topic: &str,
+    concurrency: usize,
+    duration: Duration,
+) -> (u64, Duration) {
     let done = Arc::new(AtomicU64::new(0));
     let payload = payload();
     let start = Instant::now();
@@ -102,11 +147,10 @@ async fn raw_awaiting(bootstrap: &str, topic: &str, concurrency: usize, duration
     for t in tasks {
         t.await.unwrap();
     }
-    done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+    (done.load(Ordering::Relaxed), start.elapsed())
 }
 
-async fn raw_pipelined(bootstrap: &str, topic: &str, count: usize) -> f64 {
-    let producer = raw_producer(bootstrap);
+async fn raw_pipelined(producer: &FutureProducer, topic: &str, count: usize) -> f64 {
     let payload = payload();
     let start = Instant::now();
     let mut acks = Vec::with_capacity(count);
@@ -131,10 +175,9 @@ async fn main() {
     if !common::run_as_bench("publish") {
         return;
     }
-    // A broker of the bench's own: every run starts on an empty broker (tansu slows down as its
-    // memory storage fills, which made runs on a long-used broker incomparable).
+    // A broker of the bench's own: every run starts on an empty broker (tansu keeps every record
+    // in memory and slows down as it fills, which made runs on a long-used broker incomparable).
     let broker = Broker::start();
-    let bootstrap = broker.bootstrap();
     let setup = Setup::new().await;
     let port = broker.port.to_string();
     let service = Service::start(
@@ -148,55 +191,83 @@ async fn main() {
     let seconds = seconds_per_case();
     // Warm-up: connections, metadata, producer ids.
     http_case(&service, 4, Duration::from_millis(500)).await;
-    raw_awaiting(&bootstrap, &topic, 4, Duration::from_millis(500)).await;
+    // One raw producer for the run, like the service's: its start (metadata, producer id) is
+    // not measured.
+    let producer = raw_producer(&broker.bootstrap());
+    raw_awaiting(&producer, &topic, 4, Duration::from_millis(500)).await;
 
     println!(
-        "publish throughput, 1 KB payloads, {:.0} s per case, events/s",
-        seconds.as_secs_f64()
+        "publish throughput, 1 KB payloads, {:.0} s per case (HTTP and (a) alternating in {} slices), events/s",
+        seconds.as_secs_f64(),
+        rounds()
     );
-    println!("| concurrency | HTTP publish | (a) raw, awaiting each | (b) raw, pipelined | HTTP/(a) | HTTP/(b) |");
-    println!("|---:|---:|---:|---:|---:|---:|");
+    println!("| concurrency | HTTP publish | (a) raw, awaiting each | (b) raw, pipelined | HTTP/(a) | HTTP/(b) | CPU µs/event: service | PostgreSQL | HTTP load generator | (a) producer |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let cpu = || CpuSample::now(service.pid(), &setup.database);
+    let per_event = |d: Duration, events: u64| d.as_secs_f64() * 1e6 / events.max(1) as f64;
     // BENCH_CONCURRENCY=64 runs one concurrency; BENCH_ONLY=http skips the raw producers (profiling).
     let only: Option<usize> = std::env::var("BENCH_CONCURRENCY")
         .ok()
         .and_then(|v| v.parse().ok());
     let http_only = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "http");
+    let slice = seconds / rounds();
     for c in CONCURRENCY
         .into_iter()
         .filter(|c| only.is_none_or(|o| o == *c))
     {
-        // Interleaved halves (HTTP, raw, raw, HTTP), so a broker that slows down as it fills
-        // weighs on both sides alike.
-        let half = seconds / 2;
-        let h1 = http_case(&service, c, half).await;
+        let (mut http_events, mut http_time, mut http_cpu) = (0, Duration::ZERO, CpuSample::ZERO);
+        let (mut raw_events, mut raw_time, mut raw_cpu) = (0, Duration::ZERO, CpuSample::ZERO);
+        for _ in 0..rounds() {
+            let before = cpu();
+            let (n, t) = http_case(&service, c, slice).await;
+            (http_events, http_time, http_cpu) = (
+                http_events + n,
+                http_time + t,
+                http_cpu.plus(cpu().since(before)),
+            );
+            if http_only {
+                continue;
+            }
+            let before = cpu();
+            let (n, t) = raw_awaiting(&producer, &topic, c, slice).await;
+            (raw_events, raw_time, raw_cpu) = (
+                raw_events + n,
+                raw_time + t,
+                raw_cpu.plus(cpu().since(before)),
+            );
+        }
+        let http = http_events as f64 / http_time.as_secs_f64();
+        let (service_us, postgres_us, client_us) = (
+            per_event(http_cpu.service, http_events),
+            per_event(http_cpu.postgres, http_events),
+            per_event(http_cpu.bench, http_events),
+        );
         if http_only {
-            let h2 = http_case(&service, c, half).await;
-            println!("| {c} | {:.0} | | | | |", (h1 + h2) / 2.0);
+            println!("| {c} | {http:.0} | | | | | {service_us:.0} | {postgres_us:.0} | {client_us:.0} | |");
             continue;
         }
-        let a1 = raw_awaiting(&bootstrap, &topic, c, half).await;
-        let a2 = raw_awaiting(&bootstrap, &topic, c, half).await;
-        let h2 = http_case(&service, c, half).await;
-        let (http, awaiting) = ((h1 + h2) / 2.0, (a1 + a2) / 2.0);
+        let awaiting = raw_events as f64 / raw_time.as_secs_f64();
+        let producer_us = per_event(raw_cpu.bench, raw_events);
         let pipelined = raw_pipelined(
-            &bootstrap,
+            &producer,
             &topic,
             (awaiting * seconds.as_secs_f64()).clamp(5_000.0, 100_000.0) as usize,
         )
         .await;
         println!(
-            "| {c} | {http:.0} | {awaiting:.0} | {pipelined:.0} | {:.2} | {:.2} |",
+            "| {c} | {http:.0} | {awaiting:.0} | {pipelined:.0} | {:.2} | {:.2} | {service_us:.0} | {postgres_us:.0} | {client_us:.0} | {producer_us:.0} |",
             http / awaiting,
             http / pipelined
         );
     }
     println!(
-        "service peak RSS: {:.1} MiB; broker peak RSS: {:.1} MiB",
+        "service peak RSS: {:.1} MiB; {} HTTP publishes in this run, warm-up included",
         service.peak_rss_mib(),
-        broker.peak_rss_mib()
+        PUBLISHED.load(Ordering::Relaxed)
     );
 
+    println!("broker peak RSS: {:.1} MiB", broker.peak_rss_mib());
     drop(service);
-    drop(broker);
     setup.drop_database().await;
+    drop(broker);
 }

@@ -100,7 +100,8 @@ pub fn now_string() -> String {
 }
 
 pub fn format_date(d: chrono::DateTime<chrono::Utc>) -> String {
-    d.format("%Y-%m-%dT%H:%M:%S%.3f+00:00").to_string()
+    // The same text as the format string `%Y-%m-%dT%H:%M:%S%.3f+00:00`, without parsing one.
+    d.to_rfc3339_opts(chrono::SecondsFormat::Millis, false)
 }
 
 #[cfg(test)]
@@ -121,6 +122,11 @@ mod tests {
             assert!(parse_date_time(bad).is_none(), "{bad}");
         }
         assert!(now_string().ends_with("+00:00"));
+        let d = chrono::DateTime::parse_from_rfc3339("2019-09-05T03:04:05.006789Z").unwrap();
+        assert_eq!(
+            format_date(d.with_timezone(&chrono::Utc)),
+            "2019-09-05T03:04:05.006+00:00"
+        );
     }
 
     #[test]

@@ -47,6 +47,38 @@ pub struct Setup {
 }
 
 impl Setup {
+    async fn delete_topics(&self) {
+        use rdkafka::admin::{AdminClient, AdminOptions};
+        use rdkafka::client::DefaultClientContext;
+        let Ok(admin) = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap())
+            .create::<AdminClient<DefaultClientContext>>()
+        else {
+            return;
+        };
+        let prefix = format!("{}.", self.env_prefix);
+        let Ok(metadata) = admin
+            .inner()
+            .fetch_metadata(None, rdkafka::util::Timeout::After(Duration::from_secs(10)))
+        else {
+            return;
+        };
+        let ours: Vec<String> = metadata
+            .topics()
+            .iter()
+            .map(|t| t.name().to_owned())
+            .filter(|n| n.starts_with(&prefix))
+            .collect();
+        if ours.is_empty() {
+            return;
+        }
+        let names: Vec<&str> = ours.iter().map(String::as_str).collect();
+        match admin.delete_topics(&names, &AdminOptions::new()).await {
+            Ok(results) => eprintln!("bench topics deleted: {results:?}"),
+            Err(e) => eprintln!("could not delete the bench topics {names:?}: {e}"),
+        }
+    }
+
     pub async fn new() -> Setup {
         let database = format!("bench_{}", uuid::Uuid::new_v4().simple());
         let opts = sqlx::postgres::PgConnectOptions::new()
@@ -74,7 +106,10 @@ impl Setup {
         format!("{}.Default.{TENANT}.{EVENT_TYPE}", self.env_prefix)
     }
 
+    /// Drops the bench's database and deletes its topics (the broker may keep every record in
+    /// memory: a bench run writes some 100 MB).
     pub async fn drop_database(mut self) {
+        self.delete_topics().await;
         let _ = sqlx::query(&format!(
             "DROP DATABASE IF EXISTS {} WITH (FORCE)",
             self.database
@@ -97,8 +132,21 @@ impl Service {
             .local_addr()
             .unwrap()
             .port();
-        let bin = format!("{}/target/release/mod-pubsub", env!("CARGO_MANIFEST_DIR"));
-        let mut cmd = Command::new(&bin);
+        // BENCH_SERVICE_BIN runs another build; BENCH_SERVICE_WRAPPER prefixes the command,
+        // e.g. `valgrind --tool=callgrind --separate-threads=yes` (profiling).
+        let bin = std::env::var("BENCH_SERVICE_BIN").unwrap_or_else(|_| {
+            format!("{}/target/release/mod-pubsub", env!("CARGO_MANIFEST_DIR"))
+        });
+        let wrapper = env_or("BENCH_SERVICE_WRAPPER", "");
+        let mut words = wrapper.split_whitespace();
+        let mut cmd = match words.next() {
+            Some(program) => {
+                let mut cmd = Command::new(program);
+                cmd.args(words).arg(&bin);
+                cmd
+            }
+            None => Command::new(&bin),
+        };
         cmd.args(["serve", "--port", &port.to_string()])
             .env("DB_DATABASE", &setup.database)
             .env("DB_MAXPOOLSIZE", "10")
@@ -115,7 +163,7 @@ impl Service {
         });
         let base = format!("http://127.0.0.1:{port}");
         let client = reqwest::Client::new();
-        for _ in 0..400 {
+        for _ in 0..2400 {
             if let Ok(r) = client.get(format!("{base}/admin/health")).send().await {
                 if r.status() == 200 {
                     return Service { child, base };
@@ -126,6 +174,10 @@ impl Service {
         let _ = child.kill();
         let _ = child.wait();
         panic!("service did not start");
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn peak_rss_mib(&self) -> f64 {
@@ -218,6 +270,90 @@ pub fn status_kib(pid: u32, field: &str) -> u64 {
 mod kafka_util;
 #[allow(unused_imports)]
 pub use kafka_util::OwnBroker as Broker;
+
+/// CPU time (user + system, all threads) a process has used so far; zero if it is gone.
+pub fn process_cpu(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command (which may contain spaces): state is field 3, utime 14, stime 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let ticks: u64 = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse::<u64>().ok())
+        .sum();
+    Duration::from_secs_f64(ticks as f64 / clock_ticks())
+}
+
+fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// CPU time so far of the PostgreSQL backends connected to `database` (the service's pool).
+pub fn postgres_cpu(database: &str) -> Duration {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Duration::ZERO;
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                let c = String::from_utf8_lossy(&c);
+                c.starts_with("postgres:") && c.split_whitespace().any(|w| w == database)
+            })
+        })
+        .map(process_cpu)
+        .sum()
+}
+
+/// CPU used by the service, its PostgreSQL backends and this process (the load generator or
+/// the raw producer) between two points.
+#[derive(Clone, Copy)]
+pub struct CpuSample {
+    pub service: Duration,
+    pub postgres: Duration,
+    pub bench: Duration,
+}
+
+impl CpuSample {
+    pub fn now(service_pid: u32, database: &str) -> CpuSample {
+        CpuSample {
+            service: process_cpu(service_pid),
+            postgres: postgres_cpu(database),
+            bench: process_cpu(std::process::id()),
+        }
+    }
+
+    pub const ZERO: CpuSample = CpuSample {
+        service: Duration::ZERO,
+        postgres: Duration::ZERO,
+        bench: Duration::ZERO,
+    };
+
+    pub fn plus(self, other: CpuSample) -> CpuSample {
+        CpuSample {
+            service: self.service + other.service,
+            postgres: self.postgres + other.postgres,
+            bench: self.bench + other.bench,
+        }
+    }
+
+    pub fn since(self, earlier: CpuSample) -> CpuSample {
+        CpuSample {
+            service: self.service.saturating_sub(earlier.service),
+            postgres: self.postgres.saturating_sub(earlier.postgres),
+            bench: self.bench.saturating_sub(earlier.bench),
+        }
+    }
+}
 
 /// About 1 KB of payload.
 pub fn payload() -> String {

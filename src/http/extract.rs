@@ -54,6 +54,23 @@ where
     type Rejection = AppError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let JsonBody(bytes) = JsonBody::from_request(req, state).await?;
+        parse_json(&bytes).map(FolioJson)
+    }
+}
+
+/// The body of a JSON request, not parsed yet: the content type and size checks of
+/// [`FolioJson`], for handlers that parse the body themselves (with [`parse_json`] for errors).
+#[derive(Debug, Clone)]
+pub struct JsonBody(pub Bytes);
+
+impl<S> FromRequest<S> for JsonBody
+where
+    S: Send + Sync,
+{
+    type Rejection = AppError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
             let ct = ct.to_str().unwrap_or("");
             let essence = ct
@@ -75,16 +92,20 @@ where
                 AppError::BadRequest(rejection.body_text())
             }
         })?;
-        parse_json(&bytes).map(FolioJson)
+        Ok(JsonBody(bytes))
     }
+}
+
+/// Whether the document starts like a JSON object (serde would also read a struct from an array).
+pub fn is_json_object(bytes: &[u8]) -> bool {
+    bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
 }
 
 /// Parses and validates a JSON document (see [`FolioJson`]).
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AppError> {
     // Fast path: one pass for a valid object. Anything else is parsed again, slowly, to say
     // exactly what is wrong and where.
-    let is_object = bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
-    if is_object {
+    if is_json_object(bytes) {
         if let Ok(parsed) = serde_json::from_slice::<T>(bytes) {
             return Ok(parsed);
         }
