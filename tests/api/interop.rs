@@ -91,6 +91,35 @@ fn consume(
     (got, stop, task)
 }
 
+/// A service delivering to a fake Okapi, `publisher` registered for `event_type`, an HTTP
+/// subscriber at `callback` and a running direct consumer (`mod-direct`) of it.
+async fn java_scenario(
+    event_type: &str,
+    publisher: &str,
+    callback: &str,
+) -> (
+    FakeOkapi,
+    TestApp,
+    Arc<Mutex<Vec<ReceivedEvent>>>,
+    CancellationToken,
+    tokio::task::JoinHandle<()>,
+) {
+    let fake = FakeOkapi::start().await;
+    let app = delivering_app(&fake, "1s").await;
+    register_publisher(&app, "diku", event_type, publisher).await;
+    let body = json!({"moduleId": "mod-http-sub-1.0.0",
+                      "subscriptionDefinitions": [{"eventType": event_type, "callbackAddress": callback}]});
+    assert_eq!(
+        app.post_json("diku", "/pubsub/event-types/declare/subscriber", &body)
+            .await
+            .status(),
+        201
+    );
+    direct_subscriber(&app, "diku", "mod-direct-1.0.0", event_type).await;
+    let (got, stop, task) = consume(&app, "mod-direct", "diku", event_type);
+    (fake, app, got, stop, task)
+}
+
 async fn wait_until(got: &Arc<Mutex<Vec<ReceivedEvent>>>, n: usize) -> Vec<ReceivedEvent> {
     for _ in 0..400 {
         if got.lock().unwrap().len() >= n {
@@ -201,20 +230,9 @@ async fn kcat_reads_folio_kafka_wrappers_event_json_from_an_http_publish_and_so_
 #[tokio::test]
 async fn an_event_kcat_writes_as_a_java_module_would_is_pushed_to_http_subscribers_and_reaches_direct_consumers(
 ) {
-    let fake = FakeOkapi::start().await;
-    let app = delivering_app(&fake, "1s").await;
-    register_publisher(&app, "diku", "INTEROP_IN", "mod-java-1.0.0").await;
     let callback = "/java/handlers/interop";
-    let body = json!({"moduleId": "mod-http-sub-1.0.0",
-                      "subscriptionDefinitions": [{"eventType": "INTEROP_IN", "callbackAddress": callback}]});
-    assert_eq!(
-        app.post_json("diku", "/pubsub/event-types/declare/subscriber", &body)
-            .await
-            .status(),
-        201
-    );
-    direct_subscriber(&app, "diku", "mod-direct-1.0.0", "INTEROP_IN").await;
-    let (got, stop, task) = consume(&app, "mod-direct", "diku", "INTEROP_IN");
+    let (fake, app, got, stop, task) =
+        java_scenario("INTEROP_IN", "mod-java-1.0.0", callback).await;
 
     // As folio-kafka-wrapper's KafkaProducerRecordBuilder writes it: Jackson's Event JSON (dates
     // as ISO strings, payload a JSON-encoded string), key, folio.tenantId and the Okapi headers.
@@ -294,20 +312,9 @@ async fn java_records_with_okapi_commons_header_names_no_folio_tenant_id_and_no_
     // folio-kafka-wrapper's propagateOkapiHeaders keeps the names as the module's header map
     // spells them, usually okapi-common's `X-Okapi-Tenant`, `X-Okapi-Url`, `X-Okapi-Request-Id`;
     // wrapper versions before KAFKAWRAP-38 wrote no `folio.tenantId` header at all.
-    let fake = FakeOkapi::start().await;
-    let app = delivering_app(&fake, "1s").await;
-    register_publisher(&app, "diku", "INTEROP_CASE", "mod-java-2.0.0").await;
     let callback = "/java/handlers/case";
-    let body = json!({"moduleId": "mod-http-sub-1.0.0",
-                      "subscriptionDefinitions": [{"eventType": "INTEROP_CASE", "callbackAddress": callback}]});
-    assert_eq!(
-        app.post_json("diku", "/pubsub/event-types/declare/subscriber", &body)
-            .await
-            .status(),
-        201
-    );
-    direct_subscriber(&app, "diku", "mod-direct-1.0.0", "INTEROP_CASE").await;
-    let (got, stop, task) = consume(&app, "mod-direct", "diku", "INTEROP_CASE");
+    let (fake, app, got, stop, task) =
+        java_scenario("INTEROP_CASE", "mod-java-2.0.0", callback).await;
 
     let id = new_id();
     // Jackson's default date format, with a `+0000` offset.
