@@ -1,6 +1,6 @@
 //! Consuming event topics directly, with bounded in-flight records and back-pressure.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -251,9 +251,8 @@ impl DirectConsumer {
         let mut running = FuturesUnordered::new();
         // Records that arrived while paused or at the limit, in arrival order.
         let mut backlog: VecDeque<OwnedMessage> = VecDeque::new();
-        // Records waiting behind a running record with the same key.
-        let mut behind: HashMap<Slot, VecDeque<OwnedMessage>> = HashMap::new();
-        let mut busy: HashSet<Slot> = HashSet::new();
+        // The slots with a running record, each with the records waiting behind it.
+        let mut running_slots: HashMap<Slot, VecDeque<OwnedMessage>> = HashMap::new();
         // Records admitted and not finished (running or behind).
         let mut admitted = 0usize;
         let mut paused = false;
@@ -269,17 +268,16 @@ impl DirectConsumer {
                 };
                 admitted += 1;
                 self.stats.in_flight.store(admitted, Ordering::Relaxed);
-                let slot = slot_of(&msg);
-                if slot.as_ref().is_some_and(|s| busy.contains(s)) {
-                    behind
-                        .entry(slot.expect("checked"))
-                        .or_default()
-                        .push_back(msg);
-                } else {
-                    if let Some(s) = slot {
-                        busy.insert(s);
+                match slot_of(&msg) {
+                    Some(slot) if running_slots.contains_key(&slot) => {
+                        running_slots.entry(slot).or_default().push_back(msg);
                     }
-                    running.push(self.handle(&handler, msg, &stop));
+                    slot => {
+                        if let Some(slot) = slot {
+                            running_slots.insert(slot, VecDeque::new());
+                        }
+                        running.push(self.handle(&handler, msg, &stop));
+                    }
                 }
             }
             let at_limit = admitted >= self.max_in_flight;
@@ -319,11 +317,10 @@ impl DirectConsumer {
                     admitted -= 1;
                     self.stats.in_flight.store(admitted, Ordering::Relaxed);
                     if let Some(slot) = slot_of(&msg) {
-                        match behind.get_mut(&slot).and_then(VecDeque::pop_front) {
+                        match running_slots.get_mut(&slot).and_then(VecDeque::pop_front) {
                             Some(next) if !stopping => running.push(self.handle(&handler, next, &stop)),
                             _ => {
-                                busy.remove(&slot);
-                                behind.remove(&slot);
+                                running_slots.remove(&slot);
                             }
                         }
                     }
