@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{env_or, free_port, status_kib, Broker, Service, Setup};
+use common::{env_or, free_port, peak_rss_mib, postgres_pids, status_kib, Broker, Service, Setup};
 use plotters::prelude::*;
 use serde_json::Value;
 
@@ -38,17 +38,10 @@ impl PgSampler {
         let (s, p) = (stop.clone(), peak_kib.clone());
         let thread = std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
-                let mut sum = 0;
-                for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-                    let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-                        continue;
-                    };
-                    let comm =
-                        std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-                    if comm.trim() == "postgres" {
-                        sum += status_kib(pid, "RssAnon:");
-                    }
-                }
+                let sum: u64 = postgres_pids(None)
+                    .into_iter()
+                    .map(|pid| status_kib(pid, "RssAnon:"))
+                    .sum();
                 p.fetch_max(sum, Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(100));
             }
@@ -136,7 +129,7 @@ async fn run_flow(transport: &str, records: usize) -> Run {
         duplicates: report["duplicates"].as_u64().unwrap(),
         rss_modules: report["peakRssMiB"].as_f64().unwrap(),
         rss_pubsub: service.peak_rss_mib(),
-        rss_tansu: broker.peak_rss_mib(),
+        rss_tansu: broker.pid().map_or(0.0, peak_rss_mib),
         rss_postgres,
     };
     drop(service);

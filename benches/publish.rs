@@ -266,7 +266,10 @@ async fn main() {
         PUBLISHED.load(Ordering::Relaxed)
     );
 
-    println!("broker peak RSS: {:.1} MiB", broker.peak_rss_mib());
+    println!(
+        "broker peak RSS: {:.1} MiB",
+        broker.pid().map_or(0.0, common::peak_rss_mib)
+    );
     drop(service);
     setup.drop_database().await;
     drop(broker);

@@ -181,15 +181,7 @@ impl Service {
     }
 
     pub fn peak_rss_mib(&self) -> f64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        let kib: u64 = status
-            .lines()
-            .find(|l| l.starts_with("VmHWM:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        kib as f64 / 1024.0
+        peak_rss_mib(self.child.id())
     }
 
     pub async fn post(&self, path: &str, body: Value) -> reqwest::Response {
@@ -263,6 +255,32 @@ pub fn status_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// A process's peak resident memory (VmHWM) in MiB; zero when it is gone.
+pub fn peak_rss_mib(pid: u32) -> f64 {
+    status_kib(pid, "VmHWM:") as f64 / 1024.0
+}
+
+/// The PostgreSQL server's processes; with `database`, only the backends connected to it.
+pub fn postgres_pids(database: Option<&str>) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "postgres")
+        })
+        .filter(|pid| {
+            database.is_none_or(|db| {
+                std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                    let c = String::from_utf8_lossy(&c);
+                    c.starts_with("postgres:") && c.split_whitespace().any(|w| w == db)
+                })
+            })
+        })
+        .collect()
+}
+
 /// Brokers of the bench's own (memory storage, a free port), as the tests start them: every run
 /// starts on an empty broker and the broker's peak RSS is the run's.
 #[path = "../../tests/api/kafka_util.rs"]
@@ -300,16 +318,8 @@ fn clock_ticks() -> f64 {
 
 /// CPU time so far of the PostgreSQL backends connected to `database` (the service's pool).
 pub fn postgres_cpu(database: &str) -> Duration {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Duration::ZERO;
-    };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
-                let c = String::from_utf8_lossy(&c);
-                c.starts_with("postgres:") && c.split_whitespace().any(|w| w == database)
-            })
-        })
+    postgres_pids(Some(database))
+        .into_iter()
         .map(process_cpu)
         .sum()
 }

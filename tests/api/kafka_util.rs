@@ -112,21 +112,11 @@ impl OwnBroker {
         format!("127.0.0.1:{}", self.port)
     }
 
-    /// The broker's peak resident memory (VmHWM) in MiB, while it runs (for the benches, which
-    /// include this file).
+    /// The broker's process id while it runs (the benches, which include this file, read its
+    /// peak memory).
     #[allow(dead_code)]
-    pub fn peak_rss_mib(&self) -> f64 {
-        let Some(child) = &self.child else {
-            return 0.0;
-        };
-        std::fs::read_to_string(format!("/proc/{}/status", child.id()))
-            .unwrap_or_default()
-            .lines()
-            .find(|l| l.starts_with("VmHWM:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-            / 1024.0
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Starts it (again) on the same port; memory storage starts empty.
