@@ -212,14 +212,9 @@ fn read_env_name(r: &Reader<'_>) -> Result<String, ConfigError> {
     Ok(env)
 }
 
-/// Only `ENV` and the Kafka settings, from the process environment: what the command-line
-/// clients (`mod-pubsub publish`, `tail`) need.
-pub fn kafka_from_env() -> Result<(String, KafkaConfig), ConfigError> {
-    kafka_from_map(&process_env())
-}
-
-/// Only `ENV` and the Kafka settings, from a map of environment variables (the process
-/// environment with the command line's overrides).
+/// Only `ENV` and the Kafka settings, from a map of environment variables: what the
+/// command-line clients (`mod-pubsub publish`, `tail`) need, read from the process environment
+/// with the command line's overrides.
 pub fn kafka_from_map(
     vars: &HashMap<String, String>,
 ) -> Result<(String, KafkaConfig), ConfigError> {
