@@ -383,10 +383,7 @@ async fn tail(
     let mut subscriptions = Vec::new();
     for t in &event_types {
         let e = EventType::parse(t).map_err(|e| anyhow!("--event-type {t:?}: {e}"))?;
-        subscriptions.push(match &tenant {
-            Some(tenant) => topics.name(tenant, &e).to_string(),
-            None => topics.all_tenants_pattern(&e),
-        });
+        subscriptions.push(topics.subscription(tenant.as_ref(), &e));
     }
     // A group of its own that commits nothing: tailing never moves anyone's position.
     let group = format!("{env}.mod-pubsub-tail.{}", uuid::Uuid::new_v4().simple());

@@ -190,10 +190,7 @@ impl DirectConsumer {
         for t in event_types {
             let e = EventType::parse(t)
                 .map_err(|e| ClientError::Invalid(format!("eventType: {}", e.0)))?;
-            topics.push(match &tenant {
-                Some(tenant) => naming.name(tenant, &e).to_string(),
-                None => naming.all_tenants_pattern(&e),
-            });
+            topics.push(naming.subscription(tenant.as_ref(), &e));
         }
         let mut cfg = ClientConfig::new();
         cfg.set("bootstrap.servers", bootstrap);

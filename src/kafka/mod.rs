@@ -91,6 +91,15 @@ impl Topics {
         ))
     }
 
+    /// What a consumer of `event_type` subscribes to: the tenant's topic, or with no tenant
+    /// the pattern of every tenant's.
+    pub fn subscription(&self, tenant: Option<&TenantId>, event_type: &EventType) -> String {
+        match tenant {
+            Some(tenant) => self.name(tenant, event_type).to_string(),
+            None => self.all_tenants_pattern(event_type),
+        }
+    }
+
     /// A regular expression matching the topics of `event_type` in every tenant (as the
     /// wrapper's `formatSubscriptionPattern`, but for any tenant id this service accepts).
     pub fn all_tenants_pattern(&self, event_type: &EventType) -> String {
