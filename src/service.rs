@@ -76,7 +76,7 @@ pub async fn run(
     }
     workers.close();
 
-    let state = http::AppState {
+    let state = http::AppState::new(http::Services {
         pool: pool.clone(),
         config,
         tasks: TaskTracker::new(),
@@ -88,7 +88,7 @@ pub async fn run(
         metrics,
         engine,
         shutdown: background.clone(),
-    };
+    });
     let tasks = state.tasks.clone();
     tracing::info!(addr = %listener.local_addr()?, "mod-pubsub listening");
     // Small responses (204) go out at once instead of waiting for Nagle's algorithm.

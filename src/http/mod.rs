@@ -29,9 +29,27 @@ use utoipa_swagger_ui::SwaggerUi;
 
 use crate::config::Config;
 
-/// What every handler can reach.
+/// What every handler can reach: one reference-counted [`Services`], so that axum's clone of
+/// the state for each request is one atomic increment rather than one per field.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Services>);
+
+impl AppState {
+    pub fn new(services: Services) -> Self {
+        AppState(Arc::new(services))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Services;
+
+    fn deref(&self) -> &Services {
+        &self.0
+    }
+}
+
+/// The service's shared parts.
+pub struct Services {
     pub pool: PgPool,
     pub config: Arc<Config>,
     /// Background work (tenant jobs) that graceful shutdown waits for.
