@@ -7,7 +7,9 @@
 //! * HTTP: `POST /pubsub/publish` of a 1 KB payload, each client awaiting its 204 (one keep-alive
 //!   connection per client);
 //! * (a) a raw rdkafka producer with the service's settings, each task awaiting its ack;
-//! * (b) a raw producer pipelining freely (queue everything, then await all acks).
+//! * (b) a raw producer pipelining freely (queue everything, then await all acks);
+//!
+//! (a) and (b) write the records the service writes: the same envelope, a key and the same headers.
 //!
 //! and prints events/s, the ratios HTTP/(a) and HTTP/(b), and the CPU time per event of the
 //! service, of its PostgreSQL backends and of this process (the HTTP load generator during the
@@ -23,6 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{env_or, envelope, payload, raw_producer, Broker, CpuSample, Service, Setup};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use serde_json::json;
@@ -128,6 +131,32 @@ async fn read_response(tcp: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> (u
     }
 }
 
+/// `OKAPI_URL` as the service (which inherits this process's environment) writes it in the
+/// `x-okapi-url` header.
+fn okapi_url() -> String {
+    std::env::var("OKAPI_URL")
+        .unwrap_or_else(|_| "http://localhost:9130".into())
+        .trim_end_matches('/')
+        .to_owned()
+}
+
+/// The headers the service writes on each record of this bench's publishes (folio-kafka-wrapper's),
+/// so that (a) and (b) write the same records as the HTTP path.
+fn service_headers(okapi_url: &str) -> OwnedHeaders {
+    let mut headers = OwnedHeaders::new_with_capacity(3);
+    for (key, value) in [
+        ("folio.tenantId", common::TENANT),
+        ("x-okapi-tenant", common::TENANT),
+        ("x-okapi-url", okapi_url),
+    ] {
+        headers = headers.insert(Header {
+            key,
+            value: Some(value),
+        });
+    }
+    headers
+}
+
 async fn raw_awaiting(
     producer: &FutureProducer,
     topic: &str,
@@ -136,15 +165,17 @@ async fn raw_awaiting(
 ) -> (u64, Duration) {
     let done = Arc::new(AtomicU64::new(0));
     let payload = payload();
+    let okapi = Arc::new(okapi_url());
     let start = Instant::now();
     let deadline = start + duration;
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
-        let (producer, done, topic, payload) = (
+        let (producer, done, topic, payload, okapi) = (
             producer.clone(),
             done.clone(),
             topic.to_owned(),
             payload.clone(),
+            okapi.clone(),
         );
         tasks.push(tokio::spawn(async move {
             while Instant::now() < deadline {
@@ -152,7 +183,10 @@ async fn raw_awaiting(
                 let value = envelope(&uuid::Uuid::new_v4().to_string(), &payload);
                 producer
                     .send(
-                        FutureRecord::to(&topic).key(&key).payload(&value),
+                        FutureRecord::to(&topic)
+                            .key(&key)
+                            .payload(&value)
+                            .headers(service_headers(&okapi)),
                         Timeout::After(Duration::from_secs(10)),
                     )
                     .await
@@ -169,6 +203,7 @@ async fn raw_awaiting(
 
 async fn raw_pipelined(producer: &FutureProducer, topic: &str, count: usize) -> f64 {
     let payload = payload();
+    let okapi = okapi_url();
     let start = Instant::now();
     let mut acks = Vec::with_capacity(count);
     for _ in 0..count {
@@ -176,7 +211,12 @@ async fn raw_pipelined(producer: &FutureProducer, topic: &str, count: usize) -> 
         let value = envelope(&uuid::Uuid::new_v4().to_string(), &payload);
         acks.push(
             producer
-                .send_result(FutureRecord::to(topic).key(&key).payload(&value))
+                .send_result(
+                    FutureRecord::to(topic)
+                        .key(&key)
+                        .payload(&value)
+                        .headers(service_headers(&okapi)),
+                )
                 .map_err(|_| "queue full")
                 .unwrap(),
         );
