@@ -53,16 +53,6 @@ impl Topics {
         }
     }
 
-    /// Names with an explicit namespace and tenant collection (the caller validated them as
-    /// the service's configuration does).
-    pub fn custom(env: &str, namespace: &str, tenant_collection: Option<&str>) -> Self {
-        Topics {
-            env: env.to_owned(),
-            namespace: namespace.to_owned(),
-            tenant_collection: tenant_collection.map(str::to_owned),
-        }
-    }
-
     /// Names as folio-kafka-wrapper makes them by default: namespace `Default`, no tenant
     /// collection (for clients that know only `ENV`).
     pub fn with_defaults(env: &str) -> Self {
