@@ -24,8 +24,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{env_or, envelope, payload, raw_producer, Broker, CpuSample, Service, Setup};
-use rdkafka::message::{Header, OwnedHeaders};
+use common::{
+    env_or, envelope, payload, raw_producer, Broker, CpuSample, Service, Setup, EVENT_TYPE,
+    PUBLISHER, TENANT,
+};
+use mod_pubsub::kafka::folio_headers;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use serde_json::json;
@@ -54,15 +57,15 @@ async fn http_case(service: &Service, concurrency: usize, duration: Duration) ->
     const ID: &str = "00000000-0000-0000-0000-000000000000";
     let body = json!({
         "id": ID,
-        "eventType": "BENCH_EVENT",
-        "eventMetadata": {"tenantId": "bench", "eventTTL": 1, "publishedBy": "mod-bench-1.0.0"},
+        "eventType": EVENT_TYPE,
+        "eventMetadata": {"tenantId": TENANT, "eventTTL": 1, "publishedBy": PUBLISHER},
         "eventPayload": payload(),
     })
     .to_string();
     let addr = service.base.trim_start_matches("http://").to_owned();
     let request = Arc::new(format!(
         "POST /pubsub/publish HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n\
-         x-okapi-tenant: bench\r\ncontent-length: {}\r\n\r\n{body}",
+         x-okapi-tenant: {TENANT}\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
     ));
     let id_at = request.find(ID).expect("id in the template");
@@ -140,23 +143,6 @@ fn okapi_url() -> String {
         .to_owned()
 }
 
-/// The headers the service writes on each record of this bench's publishes (folio-kafka-wrapper's),
-/// so that (a) and (b) write the same records as the HTTP path.
-fn service_headers(okapi_url: &str) -> OwnedHeaders {
-    let mut headers = OwnedHeaders::new_with_capacity(3);
-    for (key, value) in [
-        ("folio.tenantId", common::TENANT),
-        ("x-okapi-tenant", common::TENANT),
-        ("x-okapi-url", okapi_url),
-    ] {
-        headers = headers.insert(Header {
-            key,
-            value: Some(value),
-        });
-    }
-    headers
-}
-
 async fn raw_awaiting(
     producer: &FutureProducer,
     topic: &str,
@@ -186,7 +172,7 @@ async fn raw_awaiting(
                         FutureRecord::to(&topic)
                             .key(&key)
                             .payload(&value)
-                            .headers(service_headers(&okapi)),
+                            .headers(folio_headers(TENANT, Some(&okapi))),
                         Timeout::After(Duration::from_secs(10)),
                     )
                     .await
@@ -215,7 +201,7 @@ async fn raw_pipelined(producer: &FutureProducer, topic: &str, count: usize) -> 
                     FutureRecord::to(topic)
                         .key(&key)
                         .payload(&value)
-                        .headers(service_headers(&okapi)),
+                        .headers(folio_headers(TENANT, Some(&okapi))),
                 )
                 .map_err(|_| "queue full")
                 .unwrap(),

@@ -4,14 +4,13 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use serde_json::json;
 
 use super::ClientError;
 use crate::domain::{EventType, TenantId};
-use crate::kafka::{idempotent_producer, Topics};
+use crate::kafka::{folio_headers, idempotent_producer, Topics};
 
 /// One event to publish. The envelope is built as `POST /pubsub/publish` completes it: a new
 /// event id, `eventTTL` 1, `publishedDate` now.
@@ -212,21 +211,7 @@ impl DirectPublisher {
 
     /// Hands the record to the producer, waiting (up to the timeout) while its queue is full.
     async fn enqueue(&self, p: &Prepared) -> Result<DeliveryFuture, ClientError> {
-        let mut headers = OwnedHeaders::new()
-            .insert(Header {
-                key: "folio.tenantId",
-                value: Some(self.tenant.as_str()),
-            })
-            .insert(Header {
-                key: "x-okapi-tenant",
-                value: Some(self.tenant.as_str()),
-            });
-        if let Some(url) = &p.okapi_url {
-            headers = headers.insert(Header {
-                key: "x-okapi-url",
-                value: Some(url.as_str()),
-            });
-        }
+        let headers = folio_headers(self.tenant.as_str(), p.okapi_url.as_deref());
         let mut record = FutureRecord::to(&p.topic)
             .key(&p.key)
             .payload(&p.value)

@@ -100,6 +100,28 @@ impl Topics {
     }
 }
 
+/// The headers folio-kafka-wrapper puts on an event record: `folio.tenantId`, `x-okapi-tenant`,
+/// and `x-okapi-url` when there is one (the direct publisher's; the benches write the same).
+pub fn folio_headers(tenant: &str, okapi_url: Option<&str>) -> rdkafka::message::OwnedHeaders {
+    use rdkafka::message::{Header, OwnedHeaders};
+    let mut headers = OwnedHeaders::new_with_capacity(3)
+        .insert(Header {
+            key: "folio.tenantId",
+            value: Some(tenant),
+        })
+        .insert(Header {
+            key: "x-okapi-tenant",
+            value: Some(tenant),
+        });
+    if let Some(url) = okapi_url {
+        headers = headers.insert(Header {
+            key: "x-okapi-url",
+            value: Some(url),
+        });
+    }
+    headers
+}
+
 /// The settings of every producer of events (the service's, the client's, the benches'):
 /// idempotent, acknowledged by all in-sync replicas, sent at once (`linger.ms=0`: with records
 /// awaited one by one, librdkafka's default 5 ms linger cut throughput about sixfold; batching
