@@ -127,11 +127,7 @@ pub struct Service {
 impl Service {
     /// Starts `target/release/mod-pubsub serve` with `extra` environment variables.
     pub async fn start(setup: &Setup, extra: &[(&str, &str)]) -> Service {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         // BENCH_SERVICE_BIN runs another build; BENCH_SERVICE_WRAPPER prefixes the command,
         // e.g. `valgrind --tool=callgrind --separate-threads=yes` (profiling).
         let bin = std::env::var("BENCH_SERVICE_BIN").unwrap_or_else(|_| {
