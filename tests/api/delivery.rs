@@ -531,19 +531,13 @@ async fn dead_letters_can_be_listed_redelivered_and_subscribers_replayed() {
     // (Not necessarily the last row: the engine stamps its dead-lettered row after Kafka
     // acknowledged the dead letter, which a loaded machine may do after this redelivery; and
     // audit rows are written in the background, so the row may land after the answer.)
-    let redelivered = |rows: &[Value]| {
-        rows.iter()
-            .any(|r| r["state"] == "DELIVERED" && r["attempt"] == 3)
-    };
-    let mut rows = app.audit_of("diku", &dead, 5).await;
-    for _ in 0..200 {
-        if redelivered(&rows) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        rows = app.audit_of("diku", &dead, 5).await;
-    }
-    assert!(redelivered(&rows), "{rows:?}");
+    app.audit_until("diku", &dead, "DELIVERED at attempt 3, among 5", |rows| {
+        rows.len() >= 5
+            && rows
+                .iter()
+                .any(|r| r["state"] == "DELIVERED" && r["attempt"] == 3)
+    })
+    .await;
 
     // Replay from before the event: delivered again (the subscriber keeps answering 204).
     let r = app

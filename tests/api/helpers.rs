@@ -223,17 +223,36 @@ impl TestApp {
 
     /// The audit rows of an event, waiting up to 10 s until there are at least `count`.
     pub async fn audit_of(&self, tenant: &str, event_id: &str, count: usize) -> Vec<Value> {
+        self.audit_until(
+            tenant,
+            event_id,
+            &format!("at least {count} rows"),
+            |rows| rows.len() >= count,
+        )
+        .await
+    }
+
+    /// The audit rows of an event, waiting up to 10 s until `done` (described by `what`) holds
+    /// for them (they are written in the background).
+    pub async fn audit_until(
+        &self,
+        tenant: &str,
+        event_id: &str,
+        what: &str,
+        done: impl Fn(&[Value]) -> bool,
+    ) -> Vec<Value> {
         let path =
             format!("/pubsub/history?startDate=2000-01-01&endDate=2100-01-01&eventId={event_id}");
+        let mut rows = Vec::new();
         for _ in 0..200 {
             let body = self.get_json(tenant, &path).await;
-            let rows = body["auditMessages"].as_array().unwrap().clone();
-            if rows.len() >= count {
+            rows = body["auditMessages"].as_array().unwrap().clone();
+            if done(&rows) {
                 return rows;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("fewer than {count} audit rows for {event_id}");
+        panic!("audit rows of {event_id}: not {what} within 10 s: {rows:?}");
     }
 
     pub fn url(&self, path: &str) -> String {
