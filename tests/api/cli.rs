@@ -5,7 +5,6 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::io::AsyncWriteExt;
 
 use crate::delivery::{delivering_app, FakeOkapi};
 use crate::helpers::*;
@@ -41,16 +40,13 @@ async fn cli(app: &TestApp, args: &[&str], stdin: Option<&str>) -> Out {
 
 /// [`cli`] with the variables of `env` set after the app's.
 async fn cli_env(app: &TestApp, args: &[&str], stdin: Option<&str>, env: &[(&str, &str)]) -> Out {
-    let mut child = spawn_cli(app, args, env);
-    let mut input = child.stdin.take().unwrap();
-    if let Some(text) = stdin {
-        input.write_all(text.as_bytes()).await.unwrap();
-    }
-    drop(input);
-    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
-        .await
-        .unwrap_or_else(|_| panic!("mod-pubsub {args:?} did not finish"))
-        .unwrap();
+    let out = finish_process(
+        spawn_cli(app, args, env),
+        stdin,
+        Duration::from_secs(60),
+        &format!("mod-pubsub {args:?}"),
+    )
+    .await;
     Out {
         ok: out.status.success(),
         stdout: String::from_utf8(out.stdout).unwrap(),
@@ -269,10 +265,7 @@ async fn the_cli_explains_itself_and_refuses_bad_arguments_with_a_message() {
         ),
         (vec!["publish", "--tenant", "diku"], "--event-type"),
     ] {
-        let out = cli(&app, &args, None).await;
-        assert!(!out.ok, "{args:?} succeeded");
-        assert!(out.stderr.contains(expected), "{args:?}: {}", out.stderr);
-        assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+        assert_refused(&app, &args, expected).await;
     }
     // Publishing for an unregistered publisher over HTTP is refused with pubsub's answer.
     app.enable_tenant("diku").await;
@@ -319,10 +312,43 @@ async fn publish(app: &TestApp, tenant: &str, event_type: &str, payload: &str) -
     out.stdout.trim().to_owned()
 }
 
+/// Runs `mod-pubsub args…` and checks that it fails with a message containing `expected`,
+/// and without a panic.
+async fn assert_refused(app: &TestApp, args: &[&str], expected: &str) {
+    let out = cli(app, args, None).await;
+    assert!(!out.ok, "{args:?} succeeded");
+    assert!(out.stderr.contains(expected), "{args:?}: {}", out.stderr);
+    assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+}
+
+/// Publishes `payload` as `event_type` in diku, up to `max` times, until the running `tail`
+/// (whose partitions are assigned in the background) prints a line; that line, and the ids
+/// sent. The tail must keep running meanwhile.
+async fn publish_until_tailed(
+    app: &TestApp,
+    tail: &mut tokio::process::Child,
+    event_type: &str,
+    payload: &str,
+    max: usize,
+) -> (Value, Vec<String>) {
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(tail.stdout.take().unwrap()).lines();
+    let mut sent = Vec::new();
+    let line = loop {
+        assert!(sent.len() < max, "tail printed nothing for {sent:?}");
+        assert!(tail.try_wait().unwrap().is_none(), "tail exited");
+        sent.push(publish(app, "diku", event_type, payload).await);
+        if let Ok(line) = tokio::time::timeout(Duration::from_millis(500), lines.next_line()).await
+        {
+            break line.unwrap().expect("tail ended without a line");
+        }
+    };
+    let line = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    (line, sent)
+}
+
 #[tokio::test]
 async fn tail_follows_new_events_until_it_is_killed_and_leaves_older_ones_alone() {
-    use tokio::io::AsyncBufReadExt;
-
     let app = TestApp::spawn().await;
     crate::publish::register_publisher(&app, "diku", "TAILED", "mod-pub-1.0.0").await;
     let old = publish(&app, "diku", "TAILED", r#"{"n":"old"}"#).await;
@@ -333,18 +359,7 @@ async fn tail_follows_new_events_until_it_is_killed_and_leaves_older_ones_alone(
         &["tail", "--tenant", "diku", "--event-type", "TAILED"],
         &[],
     );
-    let mut lines = tokio::io::BufReader::new(tail.stdout.take().unwrap()).lines();
-    // Publish until the tail (whose partitions are assigned in the background) prints one.
-    let mut sent = Vec::new();
-    let line = loop {
-        assert!(sent.len() < 40, "tail printed nothing for {sent:?}");
-        sent.push(publish(&app, "diku", "TAILED", r#"{"n":"new"}"#).await);
-        if let Ok(line) = tokio::time::timeout(Duration::from_millis(500), lines.next_line()).await
-        {
-            break line.unwrap().expect("tail ended without a line");
-        }
-    };
-    let line: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    let (line, sent) = publish_until_tailed(&app, &mut tail, "TAILED", r#"{"n":"new"}"#, 40).await;
     let id = line["event"]["id"].as_str().unwrap().to_owned();
     assert!(sent.contains(&id), "{id} is none of {sent:?}");
     assert_ne!(id, old, "an event from before the tail started");
@@ -469,10 +484,7 @@ async fn tail_of_all_tenants_and_kafka_flags_over_the_environment() {
             "cannot be used with",
         ),
     ] {
-        let out = cli(&app, &args, None).await;
-        assert!(!out.ok, "{args:?} succeeded");
-        assert!(out.stderr.contains(expected), "{args:?}: {}", out.stderr);
-        assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+        assert_refused(&app, &args, expected).await;
     }
 }
 
@@ -501,18 +513,7 @@ async fn tail_waits_for_a_topic_that_does_not_exist_yet() {
 
     // Registering creates the topic; the tail picks it up and prints what is published then.
     crate::publish::register_publisher(&app, "diku", "LATER", "mod-pub-1.0.0").await;
-    let mut lines = tokio::io::BufReader::new(tail.stdout.take().unwrap()).lines();
-    let mut sent = Vec::new();
-    let line = loop {
-        assert!(sent.len() < 60, "tail printed nothing for {sent:?}");
-        assert!(tail.try_wait().unwrap().is_none(), "tail exited");
-        sent.push(publish(&app, "diku", "LATER", "{}").await);
-        if let Ok(line) = tokio::time::timeout(Duration::from_millis(500), lines.next_line()).await
-        {
-            break line.unwrap().expect("tail ended without a line");
-        }
-    };
-    let line: Value = serde_json::from_str(&line).unwrap();
+    let (line, sent) = publish_until_tailed(&app, &mut tail, "LATER", "{}", 60).await;
     assert!(
         sent.iter().any(|id| line["event"]["id"] == id.as_str()),
         "{line}"

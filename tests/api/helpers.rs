@@ -12,6 +12,26 @@ use tokio_util::sync::CancellationToken;
 
 pub const TENANT: &str = "diku";
 
+/// Writes `stdin` (when given) to a child started with piped standard streams, closes it, and
+/// waits up to `limit` for the child's output; `what` names the command in the panic.
+pub async fn finish_process(
+    mut child: tokio::process::Child,
+    stdin: Option<&str>,
+    limit: Duration,
+    what: &str,
+) -> std::process::Output {
+    use tokio::io::AsyncWriteExt;
+    let mut input = child.stdin.take().expect("stdin piped");
+    if let Some(text) = stdin {
+        input.write_all(text.as_bytes()).await.unwrap();
+    }
+    drop(input);
+    tokio::time::timeout(limit, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not finish within {limit:?}"))
+        .unwrap()
+}
+
 pub fn env_or(var: &str, default: &str) -> String {
     std::env::var(var)
         .ok()

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use mod_pubsub::client::{DirectConsumer, ReceivedEvent};
 use serde_json::{json, Value};
-use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::delivery::{delivering_app, FakeOkapi};
@@ -18,7 +17,7 @@ use crate::publish::{event, new_id, register_publisher};
 
 /// Runs kcat with `args` (and `stdin`), failing the test with kcat's output when it fails.
 async fn kcat(args: &[&str], stdin: Option<&str>) -> String {
-    let mut child = tokio::process::Command::new("kcat")
+    let child = tokio::process::Command::new("kcat")
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -28,15 +27,13 @@ async fn kcat(args: &[&str], stdin: Option<&str>) -> String {
         .unwrap_or_else(|e| {
             panic!("cannot start kcat ({e}); is it installed and on PATH? scripts/test.sh installs it (ensure_kcat in scripts/lib.sh)")
         });
-    let mut input = child.stdin.take().unwrap();
-    if let Some(text) = stdin {
-        input.write_all(text.as_bytes()).await.unwrap();
-    }
-    drop(input);
-    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
-        .await
-        .expect("kcat finished within 30 s")
-        .unwrap();
+    let out = finish_process(
+        child,
+        stdin,
+        Duration::from_secs(30),
+        &format!("kcat {args:?}"),
+    )
+    .await;
     assert!(
         out.status.success(),
         "kcat {args:?}: {}",
