@@ -406,6 +406,7 @@ mod tests {
         assert_eq!(c.db.max_pool_size, 5);
         assert_eq!(c.kafka.bootstrap_servers, "localhost:9092");
         assert_eq!(c.kafka.replication_factor, 1);
+        assert_eq!(c.kafka.producer_thread_nice, 19);
         assert_eq!(c.max_request_size, 1_048_576);
         assert!(c.system_user.create);
     }
@@ -420,6 +421,8 @@ mod tests {
             ("DB_MAXPOOLSIZE", "0"),
             ("REPLICATION_FACTOR", "0"),
             ("NUMBER_OF_PARTITIONS", "x"),
+            ("KAFKA_PRODUCER_THREAD_NICE", "20"),
+            ("KAFKA_PRODUCER_THREAD_NICE", "-5"),
             ("ENV", "a.b"),
             ("OKAPI_URL", "not a url"),
             ("OKAPI_URL", "ftp://x"),

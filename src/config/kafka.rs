@@ -32,6 +32,10 @@ pub struct KafkaConfig {
     /// How long topic creation may take before a declaration answers 503
     /// (`KAFKA_ADMIN_TIMEOUT_MS`).
     pub admin_timeout: Duration,
+    /// Nice value (0–19) of librdkafka's threads of the publish producer
+    /// (`KAFKA_PRODUCER_THREAD_NICE`); 0 leaves them at the service's priority. See
+    /// `kafka::producer` for why.
+    pub producer_thread_nice: i32,
     /// librdkafka properties for security, applied to every client.
     pub client_properties: BTreeMap<String, String>,
 }
@@ -60,6 +64,7 @@ impl fmt::Debug for KafkaConfig {
             .field("tenant_collection", &self.tenant_collection)
             .field("publish_timeout", &self.publish_timeout)
             .field("admin_timeout", &self.admin_timeout)
+            .field("producer_thread_nice", &self.producer_thread_nice)
             .field("client_properties", &props)
             .finish()
     }
@@ -146,6 +151,7 @@ pub(super) fn read(
             100,
             600_000,
         )?),
+        producer_thread_nice: r.number("KAFKA_PRODUCER_THREAD_NICE", 19i32, 0, 19)?,
         client_properties: security_properties(r, vars)?,
     })
 }

@@ -269,6 +269,52 @@ async fn tenant_collection_topics() {
     );
 }
 
+/// Nice values of this process's threads named `rdk:broker<node id>`: the broker threads
+/// librdkafka starts once it has learned the cluster's brokers (from a librdkafka thread, not
+/// from the thread that created the client).
+fn learned_broker_thread_nices() -> Vec<i32> {
+    let mut nices = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let (head, rest) = stat.rsplit_once(')').unwrap();
+        let name = head.split_once('(').unwrap().1;
+        let learned = name
+            .strip_prefix("rdk:broker")
+            .is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()));
+        if learned {
+            nices.push(rest.split_whitespace().nth(16).unwrap().parse().unwrap());
+        }
+    }
+    nices
+}
+
+/// The publish producer's librdkafka threads run at `KAFKA_PRODUCER_THREAD_NICE` (7 here, a
+/// value no other test uses), including the broker threads started after the client learned
+/// the cluster; publishing works as before.
+#[tokio::test]
+async fn the_publish_producers_threads_run_at_the_configured_priority() {
+    let db = TestDb::create().await;
+    let app = TestApp::spawn_on(db, |e| {
+        e.insert("KAFKA_PRODUCER_THREAD_NICE".into(), "7".into());
+    })
+    .await;
+    register_publisher(&app, "diku", "NICE_EVENT", "m-1.0.0").await;
+    for _ in 0..3 {
+        let r = app
+            .post_json(
+                "diku",
+                "/pubsub/publish",
+                &event(&new_id(), "NICE_EVENT", "diku", "m-1.0.0", "{}"),
+            )
+            .await;
+        assert_eq!(r.status(), 204);
+    }
+    let nices = learned_broker_thread_nices();
+    assert!(nices.contains(&7), "{nices:?}");
+}
+
 #[tokio::test]
 async fn rejected_publishes() {
     let app = TestApp::spawn().await;
