@@ -11,9 +11,10 @@
 //!
 //! (a) and (b) write the records the service writes: the same envelope, a key and the same headers.
 //!
-//! and prints events/s, the ratios HTTP/(a) and HTTP/(b), and the CPU time per event of the
-//! service, of its PostgreSQL backends and of this process (the HTTP load generator during the
-//! HTTP case, the producer during (a)). The CPU figures are divided by the number of
+//! and prints events/s, the ratios HTTP/(a) and HTTP/(b), the median and 99th percentile of the
+//! time from sending to the answer (the 204, the acknowledgement) of HTTP and (a), and the CPU
+//! time per event of the service, of its PostgreSQL backends, of the broker and of this process
+//! (the HTTP load generator during the HTTP case, the producer during (a)). The CPU figures are divided by the number of
 //! events measured; they depend much less on what else runs on the machine than events/s do.
 //! HTTP and (a) alternate in `BENCH_ROUNDS` slices (default 4) of each case's `BENCH_SECONDS`
 //! (default 4), so that drift of the shared machine or the broker hits both alike.
@@ -53,7 +54,7 @@ fn seconds_per_case() -> Duration {
 /// each client writing a pre-built request (only the event id's bytes change) and reading the
 /// response with `httparse`. It shares the two cores with the service, so every microsecond it
 /// spends is taken from the service being measured.
-async fn http_case(service: &Service, concurrency: usize, duration: Duration) -> (u64, Duration) {
+async fn http_case(service: &Service, concurrency: usize, duration: Duration) -> Measured {
     const ID: &str = "00000000-0000-0000-0000-000000000000";
     let body = json!({
         "id": ID,
@@ -69,35 +70,83 @@ async fn http_case(service: &Service, concurrency: usize, duration: Duration) ->
         body.len()
     ));
     let id_at = request.find(ID).expect("id in the template");
-    let done = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let deadline = start + duration;
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
-        let (done, addr, request) = (done.clone(), addr.clone(), request.clone());
+        let (addr, request) = (addr.clone(), request.clone());
         tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
             let mut tcp = tokio::net::TcpStream::connect(&addr)
                 .await
                 .expect("connect");
             tcp.set_nodelay(true).unwrap();
             let mut request = request.as_bytes().to_vec();
             let mut response = Vec::with_capacity(4096);
-            while Instant::now() < deadline {
+            loop {
+                let sent = Instant::now();
+                if sent >= deadline {
+                    break latencies;
+                }
                 uuid::Uuid::new_v4()
                     .hyphenated()
                     .encode_lower(&mut request[id_at..id_at + ID.len()]);
                 tcp.write_all(&request).await.expect("send");
                 let (status, body) = read_response(&mut tcp, &mut response).await;
                 assert_eq!(status, 204, "{body}");
-                done.fetch_add(1, Ordering::Relaxed);
+                latencies.push(sent.elapsed());
                 PUBLISHED.fetch_add(1, Ordering::Relaxed);
             }
         }));
     }
-    for t in tasks {
-        t.await.unwrap();
+    Measured::collect(tasks, start).await
+}
+
+/// What one slice of a case measured: each event's time from sending to its answer, and the
+/// slice's duration.
+#[derive(Default)]
+struct Measured {
+    latencies: Vec<Duration>,
+    elapsed: Duration,
+}
+
+impl Measured {
+    async fn collect(tasks: Vec<tokio::task::JoinHandle<Vec<Duration>>>, start: Instant) -> Self {
+        let mut latencies = Vec::new();
+        for t in tasks {
+            latencies.extend(t.await.unwrap());
+        }
+        Measured {
+            latencies,
+            elapsed: start.elapsed(),
+        }
     }
-    (done.load(Ordering::Relaxed), start.elapsed())
+
+    fn add(&mut self, slice: Measured) {
+        self.latencies.extend(slice.latencies);
+        self.elapsed += slice.elapsed;
+    }
+
+    fn events(&self) -> u64 {
+        self.latencies.len() as u64
+    }
+
+    fn rate(&self) -> f64 {
+        self.events() as f64 / self.elapsed.as_secs_f64()
+    }
+
+    /// "p50 / p99" in milliseconds.
+    fn percentiles(&mut self) -> String {
+        if self.latencies.is_empty() {
+            return "-".into();
+        }
+        self.latencies.sort_unstable();
+        let at = |q: f64| {
+            let i = ((self.latencies.len() as f64 * q) as usize).min(self.latencies.len() - 1);
+            self.latencies[i].as_secs_f64() * 1e3
+        };
+        format!("{:.2} / {:.1}", at(0.5), at(0.99))
+    }
 }
 
 /// Reads one HTTP/1.1 response from a keep-alive connection: its status and (for error
@@ -148,23 +197,26 @@ async fn raw_awaiting(
     topic: &str,
     concurrency: usize,
     duration: Duration,
-) -> (u64, Duration) {
-    let done = Arc::new(AtomicU64::new(0));
+) -> Measured {
     let payload = payload();
     let okapi = Arc::new(okapi_url());
     let start = Instant::now();
     let deadline = start + duration;
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
-        let (producer, done, topic, payload, okapi) = (
+        let (producer, topic, payload, okapi) = (
             producer.clone(),
-            done.clone(),
             topic.to_owned(),
             payload.clone(),
             okapi.clone(),
         );
         tasks.push(tokio::spawn(async move {
-            while Instant::now() < deadline {
+            let mut latencies = Vec::new();
+            loop {
+                let sent = Instant::now();
+                if sent >= deadline {
+                    break latencies;
+                }
                 let key = uuid::Uuid::new_v4().to_string();
                 let value = envelope(&uuid::Uuid::new_v4().to_string(), &payload);
                 producer
@@ -177,14 +229,11 @@ async fn raw_awaiting(
                     )
                     .await
                     .expect("ack");
-                done.fetch_add(1, Ordering::Relaxed);
+                latencies.push(sent.elapsed());
             }
         }));
     }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    (done.load(Ordering::Relaxed), start.elapsed())
+    Measured::collect(tasks, start).await
 }
 
 async fn raw_pipelined(producer: &FutureProducer, topic: &str, count: usize) -> f64 {
@@ -244,9 +293,10 @@ async fn main() {
         seconds.as_secs_f64(),
         rounds()
     );
-    println!("| concurrency | HTTP publish | (a) raw, awaiting each | (b) raw, pipelined | HTTP/(a) | HTTP/(b) | CPU µs/event: service | PostgreSQL | HTTP load generator | (a) producer |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    let cpu = || CpuSample::now(service.pid(), &setup.database);
+    println!("| concurrency | HTTP publish | (a) raw, awaiting each | (b) raw, pipelined | HTTP/(a) | HTTP/(b) | ms p50 / p99: HTTP | (a) | CPU µs/event: service | PostgreSQL | broker (HTTP) | HTTP load generator | (a) producer | broker (a) |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let broker_pid = broker.pid();
+    let cpu = || CpuSample::now(service.pid(), broker_pid, &setup.database);
     let per_event = |d: Duration, events: u64| d.as_secs_f64() * 1e6 / events.max(1) as f64;
     // BENCH_CONCURRENCY=64 runs one concurrency; BENCH_ONLY=http skips the raw producers (profiling).
     let only: Option<usize> = std::env::var("BENCH_CONCURRENCY")
@@ -258,39 +308,37 @@ async fn main() {
         .into_iter()
         .filter(|c| only.is_none_or(|o| o == *c))
     {
-        let (mut http_events, mut http_time, mut http_cpu) = (0, Duration::ZERO, CpuSample::ZERO);
-        let (mut raw_events, mut raw_time, mut raw_cpu) = (0, Duration::ZERO, CpuSample::ZERO);
+        let (mut http_run, mut http_cpu) = (Measured::default(), CpuSample::ZERO);
+        let (mut raw_run, mut raw_cpu) = (Measured::default(), CpuSample::ZERO);
         for _ in 0..rounds() {
             let before = cpu();
-            let (n, t) = http_case(&service, c, slice).await;
-            (http_events, http_time, http_cpu) = (
-                http_events + n,
-                http_time + t,
-                http_cpu.plus(cpu().since(before)),
-            );
+            http_run.add(http_case(&service, c, slice).await);
+            http_cpu = http_cpu.plus(cpu().since(before));
             if http_only {
                 continue;
             }
             let before = cpu();
-            let (n, t) = raw_awaiting(&producer, &topic, c, slice).await;
-            (raw_events, raw_time, raw_cpu) = (
-                raw_events + n,
-                raw_time + t,
-                raw_cpu.plus(cpu().since(before)),
-            );
+            raw_run.add(raw_awaiting(&producer, &topic, c, slice).await);
+            raw_cpu = raw_cpu.plus(cpu().since(before));
         }
-        let http = http_events as f64 / http_time.as_secs_f64();
-        let (service_us, postgres_us, client_us) = (
+        let (http, http_events) = (http_run.rate(), http_run.events());
+        let (service_us, postgres_us, broker_us, client_us) = (
             per_event(http_cpu.service, http_events),
             per_event(http_cpu.postgres, http_events),
+            per_event(http_cpu.broker, http_events),
             per_event(http_cpu.bench, http_events),
         );
+        let http_latency = http_run.percentiles();
         if http_only {
-            println!("| {c} | {http:.0} | | | | | {service_us:.0} | {postgres_us:.0} | {client_us:.0} | |");
+            println!("| {c} | {http:.0} | | | | | {http_latency} | | {service_us:.0} | {postgres_us:.0} | {broker_us:.0} | {client_us:.0} | | |");
             continue;
         }
-        let awaiting = raw_events as f64 / raw_time.as_secs_f64();
-        let producer_us = per_event(raw_cpu.bench, raw_events);
+        let (awaiting, raw_events) = (raw_run.rate(), raw_run.events());
+        let (producer_us, raw_broker_us) = (
+            per_event(raw_cpu.bench, raw_events),
+            per_event(raw_cpu.broker, raw_events),
+        );
+        let raw_latency = raw_run.percentiles();
         let pipelined = raw_pipelined(
             &producer,
             &topic,
@@ -298,7 +346,7 @@ async fn main() {
         )
         .await;
         println!(
-            "| {c} | {http:.0} | {awaiting:.0} | {pipelined:.0} | {:.2} | {:.2} | {service_us:.0} | {postgres_us:.0} | {client_us:.0} | {producer_us:.0} |",
+            "| {c} | {http:.0} | {awaiting:.0} | {pipelined:.0} | {:.2} | {:.2} | {http_latency} | {raw_latency} | {service_us:.0} | {postgres_us:.0} | {broker_us:.0} | {client_us:.0} | {producer_us:.0} | {raw_broker_us:.0} |",
             http / awaiting,
             http / pipelined
         );

@@ -326,14 +326,16 @@ pub fn postgres_cpu(database: &str) -> Duration {
 pub struct CpuSample {
     pub service: Duration,
     pub postgres: Duration,
+    pub broker: Duration,
     pub bench: Duration,
 }
 
 impl CpuSample {
-    pub fn now(service_pid: u32, database: &str) -> CpuSample {
+    pub fn now(service_pid: u32, broker_pid: Option<u32>, database: &str) -> CpuSample {
         CpuSample {
             service: process_cpu(service_pid),
             postgres: postgres_cpu(database),
+            broker: broker_pid.map_or(Duration::ZERO, process_cpu),
             bench: process_cpu(std::process::id()),
         }
     }
@@ -341,6 +343,7 @@ impl CpuSample {
     pub const ZERO: CpuSample = CpuSample {
         service: Duration::ZERO,
         postgres: Duration::ZERO,
+        broker: Duration::ZERO,
         bench: Duration::ZERO,
     };
 
@@ -348,6 +351,7 @@ impl CpuSample {
         CpuSample {
             service: self.service + other.service,
             postgres: self.postgres + other.postgres,
+            broker: self.broker + other.broker,
             bench: self.bench + other.bench,
         }
     }
@@ -356,6 +360,7 @@ impl CpuSample {
         CpuSample {
             service: self.service.saturating_sub(earlier.service),
             postgres: self.postgres.saturating_sub(earlier.postgres),
+            broker: self.broker.saturating_sub(earlier.broker),
             bench: self.bench.saturating_sub(earlier.bench),
         }
     }
