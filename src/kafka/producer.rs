@@ -64,7 +64,7 @@ pub struct EventProducer {
     kafka: KafkaConfig,
     max_request_size: usize,
     /// Set by a failed send, cleared by a successful one.
-    failing_since: std::sync::Mutex<Option<std::time::Instant>>,
+    failing_since: std::sync::Mutex<Option<Instant>>,
 }
 
 impl EventProducer {
@@ -124,7 +124,7 @@ impl EventProducer {
             Ok(_) => *failing = None,
             Err(PublishError::TooLarge) => {}
             Err(_) => {
-                failing.get_or_insert_with(std::time::Instant::now);
+                failing.get_or_insert_with(Instant::now);
             }
         }
         result
