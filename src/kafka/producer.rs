@@ -138,18 +138,9 @@ impl EventProducer {
         if failing.is_none_or(|since| since.elapsed() < Duration::from_millis(500)) {
             return;
         }
-        match Self::build(&self.kafka, self.max_request_size) {
-            Ok(p) => {
-                let old = std::mem::replace(
-                    &mut *self.producer.write().unwrap_or_else(|e| e.into_inner()),
-                    Arc::new(p),
-                );
-                *self.failing_since.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                tracing::warn!("Kafka producer kept failing while the broker answers; replaced it");
-                // Dropping a producer blocks briefly (purge, flush, join): not on this thread.
-                std::thread::spawn(move || drop(old));
-            }
-            Err(e) => tracing::error!(error = %e, "could not create a new Kafka producer"),
+        if self.replace(&self.current()) {
+            *self.failing_since.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            tracing::warn!("Kafka producer kept failing while the broker answers; replaced it");
         }
     }
 
@@ -157,16 +148,24 @@ impl EventProducer {
     fn replace_if_fatal(&self, failed: &Arc<AckingProducer>) {
         if let Some((code, reason)) = failed.producer.client().fatal_error() {
             tracing::error!(?code, %reason, "Kafka producer hit a fatal error; replacing it");
-            match Self::build(&self.kafka, self.max_request_size) {
-                Ok(p) => {
-                    let mut slot = self.producer.write().unwrap_or_else(|e| e.into_inner());
-                    if Arc::ptr_eq(&slot, failed) {
-                        let old = std::mem::replace(&mut *slot, Arc::new(p));
-                        drop(slot);
-                        std::thread::spawn(move || drop(old));
-                    }
+            self.replace(failed);
+        }
+    }
+
+    /// Puts a new producer in place of `old`, unless another caller has replaced `old`
+    /// already. False when no producer could be built.
+    fn replace(&self, old: &Arc<AckingProducer>) -> bool {
+        match Self::build(&self.kafka, self.max_request_size) {
+            Ok(p) => {
+                let mut slot = self.producer.write().unwrap_or_else(|e| e.into_inner());
+                if Arc::ptr_eq(&slot, old) {
+                    *slot = Arc::new(p);
                 }
-                Err(e) => tracing::error!(error = %e, "could not create a new Kafka producer"),
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "could not create a new Kafka producer");
+                false
             }
         }
     }
@@ -202,10 +201,14 @@ impl ProducerContext for AckContext {
 
 /// A librdkafka producer whose own threads run at a lower priority (see the module
 /// documentation), and the normal-priority thread that serves its delivery reports.
+///
+/// Dropping it only tells that thread to stop: the thread holds the last reference to the
+/// librdkafka client, so the client's teardown (purge what is left, serve the resulting
+/// delivery reports so no request waits forever, join librdkafka's threads; up to about half a
+/// second) runs there, never on the thread that dropped it, which may be a request's.
 struct AckingProducer {
     producer: Arc<BaseProducer<AckContext>>,
     stop: Arc<AtomicBool>,
-    poller: Option<std::thread::JoinHandle<()>>,
 }
 
 impl AckingProducer {
@@ -233,7 +236,7 @@ impl AckingProducer {
         let stop = Arc::new(AtomicBool::new(false));
         // Started from this (normal-priority) thread, so it keeps the service's priority:
         // it wakes the requests waiting for their acknowledgements.
-        let poller = {
+        {
             let (producer, stop) = (Arc::clone(&producer), Arc::clone(&stop));
             std::thread::Builder::new()
                 .name("kafka-acks".into())
@@ -242,13 +245,9 @@ impl AckingProducer {
                         producer.poll(Duration::from_millis(100));
                     }
                 })
-                .map_err(|e| KafkaError::ClientCreation(format!("cannot start a thread: {e}")))?
-        };
-        Ok(AckingProducer {
-            producer,
-            stop,
-            poller: Some(poller),
-        })
+                .map_err(|e| KafkaError::ClientCreation(format!("cannot start a thread: {e}")))?;
+        }
+        Ok(AckingProducer { producer, stop })
     }
 
     /// Queues the record and waits for its delivery report. A full local queue is retried
@@ -287,11 +286,6 @@ impl AckingProducer {
 impl Drop for AckingProducer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
-        if let Some(poller) = self.poller.take() {
-            let _ = poller.join();
-        }
-        // Dropping the last `BaseProducer` purges what is left and serves the resulting
-        // delivery reports, so no request waits forever.
     }
 }
 
@@ -341,6 +335,17 @@ mod tests {
 
     use super::*;
 
+    /// Name and nice value from a thread's `stat` line, "tid (name) state …": the nice value
+    /// is field 19, the 17th after the name.
+    fn name_and_nice(stat: &str) -> (String, i32) {
+        let (head, rest) = stat.rsplit_once(')').unwrap();
+        let name = head.split_once('(').unwrap().1.to_owned();
+        (
+            name,
+            rest.split_whitespace().nth(16).unwrap().parse().unwrap(),
+        )
+    }
+
     /// This process's threads: (thread id, name, nice value).
     fn threads() -> Vec<(u32, String, i32)> {
         let mut found = Vec::new();
@@ -351,10 +356,7 @@ mod tests {
             let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
                 continue; // the thread ended meanwhile
             };
-            // "tid (name) state …": the nice value is field 19, the 17th after the name.
-            let (head, rest) = stat.rsplit_once(')').unwrap();
-            let name = head.split_once('(').unwrap().1.to_owned();
-            let nice = rest.split_whitespace().nth(16).unwrap().parse().unwrap();
+            let (name, nice) = name_and_nice(&stat);
             found.push((tid, name, nice));
         }
         found
@@ -396,9 +398,7 @@ mod tests {
 
     /// The nice value of the test's own thread (0 unless the tests run under `nice`).
     fn own_nice() -> i32 {
-        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
-        let rest = stat.rsplit_once(')').unwrap().1;
-        rest.split_whitespace().nth(16).unwrap().parse().unwrap()
+        name_and_nice(&std::fs::read_to_string("/proc/thread-self/stat").unwrap()).1
     }
 
     #[test]
