@@ -32,6 +32,7 @@ use crate::config::Config;
 use crate::domain::{EventType, TenantId};
 use crate::event::Event;
 use crate::kafka::producer::OutgoingRecord;
+use crate::kafka::record_headers;
 use crate::kafka::Kafka;
 use crate::registry::{RegistryCache, Subscriber};
 
@@ -599,8 +600,6 @@ struct Failure {
     message: String,
     retry_after: Option<Duration>,
 }
-
-pub(crate) use crate::kafka::record_headers;
 
 /// ±20 % around `base`.
 fn jitter(base: Duration) -> Duration {

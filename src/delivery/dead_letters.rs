@@ -19,6 +19,7 @@ use super::Engine;
 use crate::audit::AuditState;
 use crate::domain::TenantId;
 use crate::event::Event;
+use crate::kafka::record_headers;
 
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -145,7 +146,7 @@ impl Engine {
         Ok(records
             .into_iter()
             .map(|m| {
-                let headers = super::record_headers(&m);
+                let headers = record_headers(&m);
                 let event: serde_json::Value = m
                     .payload()
                     .and_then(|p| serde_json::from_slice(p).ok())
@@ -306,7 +307,7 @@ impl Engine {
                     done.insert(msg.partition());
                 }
                 // Tenant-collection topics carry several tenants: replay only this one's.
-                let of_tenant = super::record_headers(&msg)
+                let of_tenant = record_headers(&msg)
                     .get("folio.tenantId")
                     .is_none_or(|t| t == tenant.as_str());
                 if of_tenant {

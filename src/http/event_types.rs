@@ -9,11 +9,13 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::extract::{lenient, FolioJson, Tenant};
+use super::extract::{FolioJson, Tenant};
 use super::AppState;
 use crate::db::registry::{self, StoredDescriptor};
 use crate::domain::EventType;
 use crate::error::{AppError, AppResult, ResultExt};
+use crate::event::event_type;
+use crate::lenient;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -46,8 +48,6 @@ pub struct EventDescriptor {
     #[serde(default, deserialize_with = "lenient::bool_or_null")]
     pub tmp: bool,
 }
-
-pub(crate) use crate::event::event_type;
 
 impl From<EventDescriptor> for StoredDescriptor {
     fn from(d: EventDescriptor) -> Self {

@@ -194,11 +194,10 @@ fn value_at(doc: &serde_json::Value, path: &serde_path_to_error::Path) -> String
     }
 }
 
-pub use crate::lenient;
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lenient;
     use serde::Deserialize;
 
     #[derive(Debug, Deserialize)]

@@ -209,7 +209,7 @@ fn partition_key(headers: &HeaderMap) -> AppResult<Option<String>> {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct PublishedEvent {
     id: FolioUuid,
-    #[serde(deserialize_with = "crate::http::event_types::event_type")]
+    #[serde(deserialize_with = "crate::event::event_type")]
     event_type: String,
     event_metadata: EventMetadata,
     #[serde(default, skip_serializing_if = "Option::is_none")]

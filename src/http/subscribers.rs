@@ -9,13 +9,13 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use super::event_types::event_type;
 use super::extract::{FolioJson, Tenant};
 use super::registrations::{self, first_duplicate, MessagingModuleCollection, ModuleIdQuery};
 use super::AppState;
 use crate::db::registry::{self, Registration, StoredDescriptor};
 use crate::domain::{ModuleId, ModuleRole};
 use crate::error::{codes, AppError, AppResult, ErrorItem};
+use crate::event::event_type;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
