@@ -71,6 +71,20 @@ pub struct DeliveryConfig {
     /// default 20): the longest an idle fetch waits. Brokers that hold every fetch to this
     /// maximum (tansu) add it to each event's latency and bound throughput by it.
     pub fetch_wait: Duration,
+    /// Callbacks at once per subscriber module on this instance, and unfinished records held
+    /// per partition (`DELIVERY_MAX_IN_FLIGHT`, default 16).
+    pub max_in_flight: usize,
+    /// Whether a 4xx other than 401, 408, 425 and 429 is retried like a 5xx
+    /// (`DELIVERY_RETRY_CLIENT_ERRORS`, default false: such an event is dead-lettered after its
+    /// first attempt).
+    pub retry_client_errors: bool,
+    /// Whether an event's `eventTTL` bounds its retries (`DELIVERY_HONOUR_EVENT_TTL`, default
+    /// false, as the Java module; every event gets at least one attempt either way).
+    pub honour_event_ttl: bool,
+    /// Session timeout of the delivery consumer groups, also their rebalance timeout
+    /// (`DELIVERY_SESSION_TIMEOUT_MS`, default 45000): a crashed instance's partitions move to
+    /// the others within it.
+    pub session_timeout: Duration,
 }
 
 /// `1s,5s,30s,2m,10m` (units ms, s, m, h).
@@ -347,6 +361,15 @@ impl Config {
                 1,
                 5_000,
             )?),
+            max_in_flight: r.number("DELIVERY_MAX_IN_FLIGHT", 16usize, 1, 10_000)?,
+            retry_client_errors: r.bool("DELIVERY_RETRY_CLIENT_ERRORS", false)?,
+            honour_event_ttl: r.bool("DELIVERY_HONOUR_EVENT_TTL", false)?,
+            session_timeout: Duration::from_millis(r.number(
+                "DELIVERY_SESSION_TIMEOUT_MS",
+                45_000u64,
+                6_000,
+                300_000,
+            )?),
         };
 
         Ok(Config {
@@ -409,6 +432,13 @@ mod tests {
         assert_eq!(c.kafka.producer_thread_nice, 19);
         assert_eq!(c.max_request_size, 1_048_576);
         assert!(c.system_user.create);
+        assert_eq!(c.delivery.max_in_flight, 16);
+        assert!(!c.delivery.retry_client_errors);
+        assert!(
+            !c.delivery.honour_event_ttl,
+            "eventTTL ignored, as the Java module"
+        );
+        assert_eq!(c.delivery.session_timeout, Duration::from_secs(45));
     }
 
     #[test]
@@ -428,6 +458,10 @@ mod tests {
             ("OKAPI_URL", "ftp://x"),
             ("SYSTEM_USER_CREATE", "yes"),
             ("KAFKA_HOST", "a b"),
+            ("DELIVERY_MAX_IN_FLIGHT", "0"),
+            ("DELIVERY_RETRY_CLIENT_ERRORS", "1"),
+            ("DELIVERY_HONOUR_EVENT_TTL", "yes"),
+            ("DELIVERY_SESSION_TIMEOUT_MS", "1000"),
         ] {
             let e = cfg(&[(var, value)]).unwrap_err();
             assert_eq!(e.var, var, "{var}={value}: {e}");

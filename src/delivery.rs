@@ -2,42 +2,59 @@
 //!
 //! * One Kafka consumer group per subscriber **module** (`{ENV}.mod-pubsub.{module name}`,
 //!   without the version, so an upgrade keeps the position), subscribed to the topics of every
-//!   (tenant, event type) the module subscribes to. A subscriber that is down or slow only holds
-//!   up its own group. Instances of this service share each group's partitions.
-//! * Records are handled one at a time per consumer, so events of one partition (one partition
-//!   key) reach a subscriber in order, retries included.
-//! * An offset is committed only after its event was delivered, dead-lettered or found to be
-//!   none of this subscriber's business; a crash before that means redelivery, never loss.
-//! * Failed attempts are retried after the configured waits (±20 % jitter; `Retry-After` of a
-//!   429 or 503 is honoured); when they are exhausted, or the event's `eventTTL` has passed, the
-//!   event goes to the tenant's dead-letter topic `{ENV}.{namespace}.{tenant}.mod-pubsub.dead-letters`
-//!   with headers saying who, why and where from, and a REJECTED audit row.
+//!   (tenant, event type) the module subscribes to. Instances of this service share each group's
+//!   partitions (cooperative rebalancing).
+//! * The consumer core ([`crate::client::dispatch`], shared with the direct-Kafka consumer) reads
+//!   every partition on its own with a window of `DELIVERY_MAX_IN_FLIGHT` unfinished records and
+//!   runs at most that many callbacks at once per module. Topics are per tenant and event type,
+//!   so a tenant, event type or event whose deliveries fail or are slow holds at most its own
+//!   partition's window; the module's other partitions go on. Records with the same key in a
+//!   partition are delivered one after another, in publish order, retries included.
+//! * An offset is committed only up to the oldest record of its partition that is not finished
+//!   (delivered, dead-lettered or none of this subscriber's business): a crash means
+//!   redelivery, never loss.
+//! * A failed attempt is retried after the configured waits (±20 % jitter; `Retry-After` of a
+//!   429 or 503 is honoured) without holding a callback slot; a 4xx other than 401, 408, 425 and
+//!   429 is final unless `DELIVERY_RETRY_CLIENT_ERRORS`; when the attempts are exhausted (or, with
+//!   `DELIVERY_HONOUR_EVENT_TTL`, the event's `eventTTL` has passed) the event goes to the
+//!   tenant's dead-letter topic `{ENV}.{namespace}.{tenant}.mod-pubsub.dead-letters` with headers
+//!   saying who, why and where from, and a REJECTED audit row.
 //! * Any 2xx answer counts as delivered (the Java module counted only 200, 201 and 204).
 
 pub mod dead_letters;
 
-use std::collections::{BTreeSet, HashMap};
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::{BorrowedMessage, Message};
-use rdkafka::Timestamp;
+use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::audit::{AuditItem, AuditRecord, AuditState, AuditWriter};
+use crate::client::dispatch::{
+    DeadLetterRecord, DeadLetterSink, Dispatcher, DispatcherOptions, Handler, Pipeline, Retry,
+    SinkFuture, Stats, Verdict,
+};
+use crate::client::{ClientError, ReceivedEvent};
 use crate::config::Config;
 use crate::domain::{EventType, TenantId};
 use crate::event::Event;
 use crate::kafka::producer::OutgoingRecord;
-use crate::kafka::record_headers;
 use crate::kafka::Kafka;
+use crate::metrics::{Metrics, ModuleLabels};
 use crate::registry::{RegistryCache, Subscriber};
 
 /// Events a little older than the registration are still delivered (clock skew).
 const SINCE_GRACE: chrono::Duration = chrono::Duration::seconds(2);
+/// How often a module's gauges are refreshed, and its consumer lag measured.
+const GAUGES_EVERY: Duration = Duration::from_secs(2);
+const LAG_EVERY: Duration = Duration::from_secs(10);
+/// `/admin/health` lists a module's last failure for this long.
+const RECENT_FAILURE: chrono::Duration = chrono::Duration::minutes(10);
 
 /// A running per-module consumer: its topics, its stop token, its task.
 type Worker = (
@@ -53,7 +70,72 @@ pub struct Engine {
     pub audit: AuditWriter,
     pub http: reqwest::Client,
     pub tokens: Arc<crate::system_user::Tokens>,
-    pub metrics: Arc<crate::metrics::Metrics>,
+    pub metrics: Arc<Metrics>,
+    sink: Arc<ServiceSink>,
+    /// What each module's consumer on this instance is doing.
+    modules: Mutex<BTreeMap<String, Arc<Stats>>>,
+}
+
+/// Dead letters go out through the service's producer, to a topic created when missing.
+struct ServiceSink(Arc<Kafka>);
+
+impl DeadLetterSink for ServiceSink {
+    fn write<'a>(&'a self, record: &'a DeadLetterRecord) -> SinkFuture<'a> {
+        Box::pin(async move {
+            let kafka = &self.0;
+            kafka
+                .admin
+                .ensure(&BTreeSet::from([record.topic.clone()]))
+                .await
+                .map_err(|e| ClientError::Kafka(e.to_string()))?;
+            let key = String::from_utf8_lossy(&record.key);
+            let out = OutgoingRecord {
+                topic: &record.topic,
+                key: &key,
+                value: &record.value,
+                headers: record
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect(),
+            };
+            kafka
+                .producer
+                .send(&out)
+                .await
+                .map(|_| ())
+                .map_err(|e| ClientError::Kafka(e.to_string()))
+        })
+    }
+}
+
+/// One line of `/admin/health` about a module's deliveries, when there is something to say.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModuleReport {
+    pub module: String,
+    pub in_flight: usize,
+    pub retrying: usize,
+    pub paused_partitions: usize,
+    pub retrying_partitions: usize,
+    pub oldest_unfinished: Option<Duration>,
+    pub last_failure: Option<(chrono::DateTime<Utc>, String)>,
+}
+
+impl std::fmt::Display for ModuleReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "delivery to {}: {} in flight, {} waiting to retry ({} partitions), {} partitions paused",
+            self.module, self.in_flight, self.retrying, self.retrying_partitions, self.paused_partitions
+        )?;
+        if let Some(age) = self.oldest_unfinished {
+            write!(f, ", oldest unfinished event {} s old", age.as_secs())?;
+        }
+        if let Some((at, reason)) = &self.last_failure {
+            write!(f, ", last failure at {}: {reason}", at.to_rfc3339())?;
+        }
+        Ok(())
+    }
 }
 
 impl Engine {
@@ -63,14 +145,16 @@ impl Engine {
         registry: RegistryCache,
         audit: AuditWriter,
         tokens: Arc<crate::system_user::Tokens>,
-        metrics: Arc<crate::metrics::Metrics>,
+        metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder()
             .connect_timeout(config.delivery.connect_timeout)
             .timeout(config.delivery.timeout)
             .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(config.delivery.max_in_flight.max(32))
             .build()?;
         Ok(Engine {
+            sink: Arc::new(ServiceSink(Arc::clone(&kafka))),
             metrics,
             tokens,
             config,
@@ -78,6 +162,7 @@ impl Engine {
             registry,
             audit,
             http,
+            modules: Mutex::default(),
         })
     }
 
@@ -103,6 +188,27 @@ impl Engine {
                 let topic = self.kafka.topics.name(&t, &e).to_string();
                 Some((t, sub.module_name().to_owned(), topic))
             })
+            .collect()
+    }
+
+    /// What the modules' consumers on this instance are doing, for those with something to
+    /// report (records in flight, retries, paused partitions, a recent failure).
+    pub fn reports(&self) -> Vec<ModuleReport> {
+        let modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+        modules
+            .iter()
+            .map(|(module, s)| ModuleReport {
+                module: module.clone(),
+                in_flight: s.in_flight.load(Ordering::Relaxed),
+                retrying: s.retrying.load(Ordering::Relaxed),
+                paused_partitions: s.paused_partitions.load(Ordering::Relaxed),
+                retrying_partitions: s.retrying_partitions.load(Ordering::Relaxed),
+                oldest_unfinished: s.oldest_unfinished(),
+                last_failure: s
+                    .last_failure()
+                    .filter(|(at, _)| Utc::now() - *at < RECENT_FAILURE),
+            })
+            .filter(|r| r.retrying > 0 || r.paused_partitions > 0 || r.last_failure.is_some())
             .collect()
     }
 
@@ -166,22 +272,15 @@ impl Engine {
         format!("{}.mod-pubsub.{module}", self.config.env)
     }
 
-    fn consumer(&self, module: &str) -> anyhow::Result<StreamConsumer> {
-        let retry_total: Duration = self.config.delivery.retry_schedule.iter().sum::<Duration>()
-            + self.config.delivery.timeout * (self.config.delivery.retry_schedule.len() as u32 + 1);
-        let max_poll = (retry_total * 2)
-            .max(Duration::from_secs(300))
-            .min(Duration::from_secs(86_400));
-        let mut cfg = crate::kafka::client_config(&self.config.kafka);
-        let consumer: StreamConsumer = crate::kafka::at_least_once_consumer(
-            &mut cfg,
-            &self.group(module),
-            self.config.delivery.fetch_wait,
+    /// The retry schedule, callback slots and dead-letter topic of one module.
+    fn pipeline(&self, stats: Arc<Stats>, max_in_flight: usize) -> Pipeline {
+        Pipeline::new(
+            self.config.delivery.retry_schedule.clone(),
+            max_in_flight,
+            Arc::clone(&self.sink) as Arc<dyn DeadLetterSink>,
+            self.kafka.topics.clone(),
+            stats,
         )
-        .set("topic.metadata.refresh.interval.ms", "10000")
-        .set("max.poll.interval.ms", max_poll.as_millis().to_string())
-        .create()?;
-        Ok(consumer)
     }
 
     async fn worker(
@@ -190,8 +289,18 @@ impl Engine {
         mut topics: watch::Receiver<BTreeSet<String>>,
         stop: CancellationToken,
     ) {
-        let consumer = match self.consumer(&module) {
-            Ok(c) => Arc::new(c),
+        let delivery = &self.config.delivery;
+        let dispatcher = match Dispatcher::new(
+            crate::kafka::client_config(&self.config.kafka),
+            &DispatcherOptions {
+                group: self.group(&module),
+                max_in_flight: delivery.max_in_flight,
+                fetch_wait: delivery.fetch_wait,
+                session_timeout: delivery.session_timeout,
+                metadata_refresh: Duration::from_secs(10),
+            },
+        ) {
+            Ok(d) => d,
             Err(e) => {
                 tracing::error!(%module, error = %e, "cannot create the delivery consumer");
                 return;
@@ -199,193 +308,60 @@ impl Engine {
         };
         let subscribe = |set: &BTreeSet<String>| {
             let names: Vec<&str> = set.iter().map(String::as_str).collect();
-            if let Err(e) = consumer.subscribe(&names) {
-                tracing::error!(%module, error = %e, "subscribe failed");
+            match dispatcher.subscribe(&names) {
+                Ok(()) => tracing::info!(%module, topics = ?names, "delivery consumer subscribed"),
+                Err(e) => tracing::error!(%module, error = %e, "subscribe failed"),
             }
-            tracing::info!(%module, topics = ?names, "delivery consumer subscribed");
         };
         subscribe(&topics.borrow_and_update());
-        let group = self.group(&module);
+        let stats = Arc::new(Stats::default());
+        self.modules
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(module.clone(), Arc::clone(&stats));
+        let pipeline = self.pipeline(Arc::clone(&stats), delivery.max_in_flight);
+        let handler = ModuleHandler {
+            engine: &self,
+            module: &module,
+        };
+        let run = dispatcher.run(&pipeline, &handler, &stop);
+        tokio::pin!(run);
+        let labels = ModuleLabels {
+            module: module.clone(),
+        };
+        let group = crate::metrics::GroupLabels {
+            group: self.group(&module),
+        };
+        let mut gauges = tokio::time::interval(GAUGES_EVERY);
         let mut lag_tick = tokio::time::interval(LAG_EVERY);
         loop {
             tokio::select! {
-                _ = stop.cancelled() => break,
+                result = &mut run => {
+                    if let Err(e) = result {
+                        tracing::error!(%module, error = %e, "delivery consumer failed");
+                    }
+                    break;
+                }
+                _ = gauges.tick() => self.metrics.module_gauges(&labels, &stats),
                 _ = lag_tick.tick() => {
-                    let c = Arc::clone(&consumer);
+                    let c = Arc::clone(dispatcher.consumer());
                     if let Ok(Some(lag)) = tokio::task::spawn_blocking(move || lag(&c)).await {
-                        self.metrics.consumer_lag.get_or_create(&crate::metrics::GroupLabels { group: group.clone() }).set(lag);
+                        self.metrics.consumer_lag.get_or_create(&group).set(lag);
                     }
                 }
                 changed = topics.changed() => {
-                    if changed.is_err() { break }
-                    subscribe(&topics.borrow_and_update());
+                    if changed.is_ok() {
+                        subscribe(&topics.borrow_and_update());
+                    }
                 }
-                received = consumer.recv() => match received {
-                    Ok(msg) => {
-                        if self.handle(&module, &msg, &stop).await {
-                            if let Err(e) = consumer.store_offset_from_message(&msg) {
-                                tracing::warn!(%module, error = %e, "could not store offset; the event may be delivered again");
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(%module, error = %e, "consumer error");
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
-                },
             }
         }
-        if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
-            tracing::debug!(%module, error = %e, "final commit");
-        }
+        self.modules
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&module);
+        self.metrics.remove_module(&labels);
         tracing::info!(%module, "delivery consumer stopped");
-    }
-
-    /// Handles one record; returns whether its offset may be committed (false only when
-    /// stopping interrupted it: it will be delivered again).
-    async fn handle(
-        &self,
-        module: &str,
-        msg: &BorrowedMessage<'_>,
-        stop: &CancellationToken,
-    ) -> bool {
-        let topic = msg.topic();
-        let headers = record_headers(msg);
-        let event: Event = match msg.payload().map(serde_json::from_slice::<Event>) {
-            Some(Ok(e)) => e,
-            other => {
-                let reason = match other {
-                    Some(Err(e)) => format!("not an Event envelope: {e}"),
-                    _ => "empty record".to_owned(),
-                };
-                let tenant = headers
-                    .get("folio.tenantId")
-                    .and_then(|t| TenantId::parse(t).ok());
-                tracing::error!(%module, topic, offset = msg.offset(), %reason, "unreadable record");
-                return match tenant {
-                    Some(t) => {
-                        self.dead_letter(&t, module, msg, &headers, &reason, 0, stop)
-                            .await
-                    }
-                    // No tenant to file it under: logged above, skipped.
-                    None => true,
-                };
-            }
-        };
-        let tenant_raw = headers
-            .get("folio.tenantId")
-            .cloned()
-            .unwrap_or_else(|| event.event_metadata.tenant_id.clone());
-        let Ok(tenant) = TenantId::parse(&tenant_raw) else {
-            tracing::error!(%module, topic, tenant = %tenant_raw, event_id = %event.id.0, "record with an invalid tenant id skipped");
-            return true;
-        };
-        let Some(sub) = self
-            .registry
-            .subscriber(tenant.as_str(), &event.event_type, module)
-        else {
-            return true; // this module does not subscribe to it in this tenant
-        };
-        if let Timestamp::CreateTime(ms) | Timestamp::LogAppendTime(ms) = msg.timestamp() {
-            if chrono::DateTime::from_timestamp_millis(ms)
-                .is_some_and(|t| t < sub.since - SINCE_GRACE)
-            {
-                return true; // published before the module subscribed
-            }
-        }
-        let audit = |state, attempt, error: Option<String>| {
-            delivery_row(&tenant, &event, &sub.module_id, state, attempt, error)
-        };
-        self.audit
-            .record(audit(AuditState::Received, None, None))
-            .await;
-
-        let schedule = &self.config.delivery.retry_schedule;
-        let mut reason = String::new();
-        for attempt in 1..=(schedule.len() as i32 + 1) {
-            if expired(&event, msg.timestamp()) {
-                reason = format!(
-                    "eventTTL of {} minutes has passed",
-                    event.event_metadata.event_ttl
-                );
-                break;
-            }
-            match self.post(&tenant, &sub, &event, &headers, attempt).await {
-                Ok(()) => {
-                    tracing::debug!(%tenant, subscriber = %sub.module_id, event_id = %event.id.0, attempt, offset = msg.offset(), "delivered");
-                    let labels = crate::metrics::Metrics::event(&event.event_type);
-                    self.metrics.delivered.get_or_create(&labels).inc();
-                    if let Some(published) = event
-                        .event_metadata
-                        .published_date
-                        .as_deref()
-                        .and_then(crate::event::parse_date_time)
-                    {
-                        let seconds = (Utc::now() - published.with_timezone(&Utc))
-                            .num_milliseconds()
-                            .max(0) as f64
-                            / 1000.0;
-                        self.metrics
-                            .delivery_latency
-                            .get_or_create(&labels)
-                            .observe(seconds);
-                    }
-                    self.audit
-                        .record(audit(AuditState::Delivered, Some(attempt), None))
-                        .await;
-                    return true;
-                }
-                Err(failure) => {
-                    let labels = crate::metrics::Metrics::event(&event.event_type);
-                    self.metrics.delivery_failed.get_or_create(&labels).inc();
-                    if (attempt as usize) <= schedule.len() {
-                        self.metrics.retried.get_or_create(&labels).inc();
-                    }
-                    reason = failure.message.clone();
-                    self.audit
-                        .record(audit(
-                            AuditState::Rejected,
-                            Some(attempt),
-                            Some(failure.message),
-                        ))
-                        .await;
-                    let Some(wait) = schedule.get(attempt as usize - 1) else {
-                        break;
-                    };
-                    let wait = failure.retry_after.unwrap_or_else(|| jitter(*wait));
-                    tokio::select! {
-                        _ = stop.cancelled() => return false,
-                        _ = tokio::time::sleep(wait) => {}
-                    }
-                }
-            }
-        }
-        let attempts = schedule.len() as i32 + 1;
-        let done = self
-            .dead_letter(
-                &tenant,
-                &sub.module_id,
-                msg,
-                &headers,
-                &reason,
-                attempts,
-                stop,
-            )
-            .await;
-        if done {
-            self.metrics
-                .dead_lettered
-                .get_or_create(&crate::metrics::Metrics::event(&event.event_type))
-                .inc();
-            self.audit
-                .record(audit(
-                    AuditState::Rejected,
-                    None,
-                    Some(format!("dead-lettered: {reason}")),
-                ))
-                .await;
-        }
-        done
     }
 
     async fn post(
@@ -409,16 +385,22 @@ impl Engine {
             .event_payload
             .clone()
             .unwrap_or_else(|| "null".to_owned());
+        let not_delivered = |e: &dyn std::fmt::Display| Failure {
+            message: format!(
+                "{} event with id '{}' was not delivered to {}: {e}",
+                event.event_type, event.id.0, sub.callback
+            ),
+            retry_after: None,
+            status: None,
+        };
         // A 401 means the cached token is no good: log in again, once, and retry at once.
         let mut relogged = false;
         let sent = loop {
-            let token = self.tokens.token(tenant).await.map_err(|e| Failure {
-                message: format!(
-                    "{} event with id '{}' was not delivered to {}: {e}",
-                    event.event_type, event.id.0, sub.callback
-                ),
-                retry_after: None,
-            })?;
+            let token = self
+                .tokens
+                .token(tenant)
+                .await
+                .map_err(|e| not_delivered(&e))?;
             let mut request = self
                 .http
                 .post(&url)
@@ -469,82 +451,180 @@ impl Engine {
                         event.event_type, event.id.0, sub.callback, status
                     ),
                     retry_after,
+                    status: Some(status.as_u16()),
                 })
             }
-            Err(e) => Err(Failure {
-                message: format!(
-                    "{} event with id '{}' was not delivered to {}: {e}",
-                    event.event_type, event.id.0, sub.callback
-                ),
-                retry_after: None,
-            }),
+            Err(e) => Err(not_delivered(&e)),
         }
     }
+}
 
-    /// Writes the record to the tenant's dead-letter topic, retrying until it is written or
-    /// the service stops (then it is not committed and will be handled again).
-    #[allow(clippy::too_many_arguments)]
-    async fn dead_letter(
-        &self,
-        tenant: &TenantId,
-        subscriber: &str,
-        msg: &BorrowedMessage<'_>,
-        headers: &HashMap<String, String>,
-        reason: &str,
-        attempts: i32,
-        stop: &CancellationToken,
-    ) -> bool {
-        let topic = self.kafka.topics.dead_letters(tenant);
-        let out = crate::kafka::dead_letter_headers(
-            headers,
-            subscriber,
-            reason,
-            attempts.max(0) as u32,
-            (msg.topic(), msg.partition(), msg.offset()),
-        );
-        let out: Vec<(&str, &str)> = out.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let key = msg
-            .key()
-            .map(|k| String::from_utf8_lossy(k).into_owned())
-            .unwrap_or_default();
-        let record = OutgoingRecord {
-            topic: &topic,
-            key: &key,
-            value: msg.payload().unwrap_or_default(),
-            headers: out,
+/// The engine's part of a delivery: who subscribes, the callback, audit rows and metrics.
+struct ModuleHandler<'a> {
+    engine: &'a Engine,
+    /// The subscriber module's name (without version).
+    module: &'a str,
+}
+
+impl ModuleHandler<'_> {
+    /// The subscription this record is delivered to, if the module has one for it: the record's
+    /// tenant is valid, the module subscribes to its event type there, and the event is not older
+    /// than the subscription.
+    fn subscription(&self, received: &ReceivedEvent) -> Option<(TenantId, Subscriber)> {
+        let Ok(tenant) = TenantId::parse(&received.tenant) else {
+            tracing::error!(module = self.module, topic = %received.topic, tenant = %received.tenant,
+                event_id = %received.event.id.0, "record with an invalid tenant id skipped");
+            return None;
         };
-        let mut wait = Duration::from_millis(500);
-        loop {
-            let ensured = self
-                .kafka
-                .admin
-                .ensure(&BTreeSet::from([topic.clone()]))
+        let sub = self.engine.registry.subscriber(
+            tenant.as_str(),
+            &received.event.event_type,
+            self.module,
+        )?;
+        let published = received
+            .timestamp
+            .and_then(chrono::DateTime::from_timestamp_millis);
+        if published.is_some_and(|t| t < sub.since - SINCE_GRACE) {
+            return None; // published before the module subscribed
+        }
+        Some((tenant, sub))
+    }
+}
+
+impl ModuleHandler<'_> {
+    async fn deliver(
+        &self,
+        received: &ReceivedEvent,
+        tenant: TenantId,
+        sub: Subscriber,
+        attempt: u32,
+    ) -> Verdict {
+        let engine = self.engine;
+        let event = &received.event;
+        let attempt = attempt as i32;
+        let labels = Metrics::event(&event.event_type);
+        if attempt == 1 {
+            engine
+                .audit
+                .record(delivery_row(
+                    &tenant,
+                    event,
+                    &sub.module_id,
+                    AuditState::Received,
+                    None,
+                    None,
+                ))
                 .await;
-            let sent = match ensured {
-                Ok(()) => self
-                    .kafka
-                    .producer
-                    .send(&record)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            match sent {
-                Ok(()) => {
-                    tracing::warn!(%tenant, subscriber, %topic, reason, "event dead-lettered");
-                    return true;
+        } else {
+            engine.metrics.retried.get_or_create(&labels).inc();
+        }
+        match engine
+            .post(&tenant, &sub, event, &received.headers, attempt)
+            .await
+        {
+            Ok(()) => {
+                tracing::debug!(%tenant, subscriber = %sub.module_id, event_id = %event.id.0, attempt,
+                    offset = received.offset, "delivered");
+                engine.metrics.delivered.get_or_create(&labels).inc();
+                if let Some(published) = event
+                    .event_metadata
+                    .published_date
+                    .as_deref()
+                    .and_then(crate::event::parse_date_time)
+                {
+                    let seconds = (Utc::now() - published.with_timezone(&Utc))
+                        .num_milliseconds()
+                        .max(0) as f64
+                        / 1000.0;
+                    engine
+                        .metrics
+                        .delivery_latency
+                        .get_or_create(&labels)
+                        .observe(seconds);
                 }
-                Err(e) => {
-                    tracing::error!(%tenant, subscriber, %topic, error = %e, "dead-lettering failed; retrying");
-                    tokio::select! {
-                        _ = stop.cancelled() => return false,
-                        _ = tokio::time::sleep(wait) => {}
-                    }
-                    wait = (wait * 2).min(Duration::from_secs(30));
+                engine
+                    .audit
+                    .record(delivery_row(
+                        &tenant,
+                        event,
+                        &sub.module_id,
+                        AuditState::Delivered,
+                        Some(attempt),
+                        None,
+                    ))
+                    .await;
+                Verdict::Done
+            }
+            Err(failure) => {
+                engine.metrics.delivery_failed.get_or_create(&labels).inc();
+                let delivery = &engine.config.delivery;
+                let mut retry = failure.retry(delivery.retry_client_errors);
+                let mut reason = failure.message;
+                if delivery.honour_event_ttl && expired(event, received.timestamp) {
+                    reason = format!(
+                        "eventTTL of {} minutes has passed; {reason}",
+                        event.event_metadata.event_ttl
+                    );
+                    retry = Retry::Never;
                 }
+                engine
+                    .audit
+                    .record(delivery_row(
+                        &tenant,
+                        event,
+                        &sub.module_id,
+                        AuditState::Rejected,
+                        Some(attempt),
+                        Some(reason.clone()),
+                    ))
+                    .await;
+                Verdict::Failed { reason, retry }
             }
         }
+    }
+}
+
+impl Handler for ModuleHandler<'_> {
+    async fn attempt(&self, received: &ReceivedEvent, attempt: u32) -> Verdict {
+        let Some((tenant, sub)) = self.subscription(received) else {
+            return Verdict::Done; // none of this module's business (any more)
+        };
+        let span = tracing::info_span!("delivery", %tenant, event_type = %received.event.event_type,
+            event_id = %received.event.id.0, subscriber = %sub.module_id, attempt);
+        self.deliver(received, tenant, sub, attempt)
+            .instrument(span)
+            .await
+    }
+
+    fn subscriber(&self, received: Option<&ReceivedEvent>) -> String {
+        received
+            .and_then(|r| self.subscription(r))
+            .map_or_else(|| self.module.to_owned(), |(_, sub)| sub.module_id)
+    }
+
+    async fn dead_lettered(&self, received: Option<&ReceivedEvent>, reason: &str, _attempts: u32) {
+        let Some((received, (tenant, sub))) =
+            received.and_then(|r| Some((r, self.subscription(r)?)))
+        else {
+            return;
+        };
+        let engine = self.engine;
+        engine
+            .metrics
+            .dead_lettered
+            .get_or_create(&Metrics::event(&received.event.event_type))
+            .inc();
+        engine
+            .audit
+            .record(delivery_row(
+                &tenant,
+                &received.event,
+                &sub.module_id,
+                AuditState::Rejected,
+                None,
+                Some(format!("dead-lettered: {reason}")),
+            ))
+            .await;
     }
 }
 
@@ -572,44 +652,52 @@ fn delivery_row(
     })
 }
 
-const LAG_EVERY: Duration = Duration::from_secs(10);
-
 /// Records behind on the partitions this consumer holds (blocking: broker round trips).
-fn lag(consumer: &StreamConsumer) -> Option<i64> {
+fn lag<C: ConsumerContext>(consumer: &StreamConsumer<C>) -> Option<i64> {
     let positions = consumer.position().ok()?;
     let mut total = 0;
     for tp in positions.elements() {
-        let (_, high) = consumer
+        let (low, high) = consumer
             .fetch_watermarks(tp.topic(), tp.partition(), Duration::from_secs(2))
             .ok()?;
         let at = match tp.offset() {
             rdkafka::Offset::Offset(o) => o,
-            _ => {
-                let (low, _) = consumer
-                    .fetch_watermarks(tp.topic(), tp.partition(), Duration::from_secs(2))
-                    .ok()?;
-                low
-            }
+            _ => low,
         };
         total += (high - at).max(0);
     }
     Some(total)
 }
 
+/// A failed callback.
 struct Failure {
     message: String,
     retry_after: Option<Duration>,
+    /// The subscriber's (or Okapi's) status; none when there was no answer.
+    status: Option<u16>,
 }
 
-/// ±20 % around `base`.
-fn jitter(base: Duration) -> Duration {
-    let factor = 0.8 + rand::random::<f64>() * 0.4;
-    base.mul_f64(factor)
+impl Failure {
+    /// A 4xx other than 401 (a new login was tried already), 408, 425 and 429 says the
+    /// subscriber will not take this event: no retries (unless `retry_client_errors`). Everything
+    /// else (5xx, timeouts, connection errors, failed logins) follows the schedule.
+    fn retry(&self, retry_client_errors: bool) -> Retry {
+        match self.status {
+            Some(s)
+                if (400..500).contains(&s)
+                    && !matches!(s, 401 | 408 | 425 | 429)
+                    && !retry_client_errors =>
+            {
+                Retry::Never
+            }
+            _ => self.retry_after.map_or(Retry::Schedule, Retry::After),
+        }
+    }
 }
 
 /// Whether the event's time to live (minutes, from its publishedDate or else the record's
 /// timestamp) has passed. A TTL of 0 means no limit.
-fn expired(event: &Event, timestamp: Timestamp) -> bool {
+fn expired(event: &Event, timestamp_ms: Option<i64>) -> bool {
     let ttl = event.event_metadata.event_ttl;
     if ttl <= 0 {
         return false;
@@ -620,28 +708,13 @@ fn expired(event: &Event, timestamp: Timestamp) -> bool {
         .as_deref()
         .and_then(crate::event::parse_date_time)
         .map(|d| d.with_timezone(&Utc))
-        .or_else(|| {
-            timestamp
-                .to_millis()
-                .and_then(chrono::DateTime::from_timestamp_millis)
-        });
+        .or_else(|| timestamp_ms.and_then(chrono::DateTime::from_timestamp_millis));
     published.is_some_and(|p| Utc::now() > p + chrono::Duration::minutes(ttl))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn jitter_stays_within_twenty_percent() {
-        for _ in 0..1000 {
-            let d = jitter(Duration::from_secs(10));
-            assert!(
-                d >= Duration::from_secs(8) && d <= Duration::from_secs(12),
-                "{d:?}"
-            );
-        }
-    }
 
     #[test]
     fn ttl() {
@@ -651,10 +724,53 @@ mod tests {
                               "publishedDate": crate::event::format_date(Utc::now() - chrono::Duration::minutes(5))}
         }))
         .unwrap();
-        assert!(expired(&e, Timestamp::NotAvailable));
+        assert!(expired(&e, None));
         e.event_metadata.event_ttl = 10;
-        assert!(!expired(&e, Timestamp::NotAvailable));
+        assert!(!expired(&e, None));
         e.event_metadata.event_ttl = 0;
-        assert!(!expired(&e, Timestamp::NotAvailable), "0 is no limit");
+        assert!(!expired(&e, None), "0 is no limit");
+        e.event_metadata.published_date = None;
+        e.event_metadata.event_ttl = 1;
+        let old = (Utc::now() - chrono::Duration::minutes(2)).timestamp_millis();
+        assert!(
+            expired(&e, Some(old)),
+            "the record's timestamp when there is no publishedDate"
+        );
+    }
+
+    fn failure(status: Option<u16>, retry_after: Option<u64>) -> Failure {
+        Failure {
+            message: String::new(),
+            retry_after: retry_after.map(Duration::from_secs),
+            status,
+        }
+    }
+
+    #[test]
+    fn client_errors_are_final_unless_configured() {
+        for s in [400, 403, 404, 409, 413, 422] {
+            assert!(
+                matches!(failure(Some(s), None).retry(false), Retry::Never),
+                "{s}"
+            );
+            assert!(
+                matches!(failure(Some(s), None).retry(true), Retry::Schedule),
+                "{s}"
+            );
+        }
+        for s in [401, 408, 425, 500, 502, 503, 504] {
+            assert!(
+                matches!(failure(Some(s), None).retry(false), Retry::Schedule),
+                "{s}"
+            );
+        }
+        assert!(
+            matches!(failure(None, None).retry(false), Retry::Schedule),
+            "no answer"
+        );
+        assert!(matches!(
+            failure(Some(429), Some(3)).retry(false),
+            Retry::After(d) if d == Duration::from_secs(3)
+        ));
     }
 }

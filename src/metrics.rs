@@ -20,6 +20,11 @@ pub struct GroupLabels {
     pub group: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModuleLabels {
+    pub module: String,
+}
+
 pub struct Metrics {
     registry: Mutex<Registry>,
     pub published: Family<EventLabels, Counter>,
@@ -34,6 +39,20 @@ pub struct Metrics {
     pub delivery_latency: Family<EventLabels, Histogram>,
     /// Records not yet handled by a delivery consumer group (on the partitions this instance holds).
     pub consumer_lag: Family<GroupLabels, Gauge>,
+    /// Per subscriber module, on this instance: records taken from Kafka and not finished.
+    pub in_flight: Family<ModuleLabels, Gauge>,
+    /// Records waiting for their next attempt.
+    pub retrying: Family<ModuleLabels, Gauge>,
+    /// Partitions of the module's topics this instance holds.
+    pub assigned_partitions: Family<ModuleLabels, Gauge>,
+    /// Partitions holding a full window (not read until a record finishes).
+    pub paused_partitions: Family<ModuleLabels, Gauge>,
+    /// Partitions with a record waiting for its next attempt.
+    pub retrying_partitions: Family<ModuleLabels, Gauge>,
+    /// Age of the oldest unfinished record (0 when none).
+    pub oldest_unfinished: Family<ModuleLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// When the last attempt failed (Unix seconds; 0 when none has).
+    pub last_failure: Family<ModuleLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
 }
 
 impl Default for Metrics {
@@ -53,6 +72,13 @@ impl Default for Metrics {
                 ])
             }),
             consumer_lag: Family::default(),
+            in_flight: Family::default(),
+            retrying: Family::default(),
+            assigned_partitions: Family::default(),
+            paused_partitions: Family::default(),
+            retrying_partitions: Family::default(),
+            oldest_unfinished: Family::default(),
+            last_failure: Family::default(),
         };
         {
             let mut r = m.registry.lock().unwrap_or_else(|e| e.into_inner());
@@ -96,6 +122,41 @@ impl Default for Metrics {
                 "Records not yet handled per delivery consumer group",
                 m.consumer_lag.clone(),
             );
+            r.register(
+                "delivery_in_flight",
+                "Records taken from Kafka and not finished, per subscriber module",
+                m.in_flight.clone(),
+            );
+            r.register(
+                "delivery_retrying",
+                "Records waiting for their next delivery attempt, per subscriber module",
+                m.retrying.clone(),
+            );
+            r.register(
+                "delivery_assigned_partitions",
+                "Partitions this instance holds, per subscriber module",
+                m.assigned_partitions.clone(),
+            );
+            r.register(
+                "delivery_paused_partitions",
+                "Partitions whose in-flight window is full, per subscriber module",
+                m.paused_partitions.clone(),
+            );
+            r.register(
+                "delivery_retrying_partitions",
+                "Partitions with a record waiting for its next attempt, per subscriber module",
+                m.retrying_partitions.clone(),
+            );
+            r.register(
+                "delivery_oldest_unfinished_seconds",
+                "Age of the oldest record not yet finished, per subscriber module",
+                m.oldest_unfinished.clone(),
+            );
+            r.register(
+                "delivery_last_failure_timestamp_seconds",
+                "When a delivery attempt last failed (Unix time), per subscriber module",
+                m.last_failure.clone(),
+            );
         }
         m
     }
@@ -106,6 +167,51 @@ impl Metrics {
         EventLabels {
             event_type: event_type.to_owned(),
         }
+    }
+
+    /// Sets a module's gauges from its consumer's stats.
+    pub(crate) fn module_gauges(
+        &self,
+        labels: &ModuleLabels,
+        stats: &crate::client::dispatch::Stats,
+    ) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let int = |family: &Family<ModuleLabels, Gauge>, v: usize| {
+            family.get_or_create(labels).set(v as i64);
+        };
+        int(&self.in_flight, stats.in_flight.load(Relaxed));
+        int(&self.retrying, stats.retrying.load(Relaxed));
+        int(
+            &self.assigned_partitions,
+            stats.assigned_partitions.load(Relaxed),
+        );
+        int(
+            &self.paused_partitions,
+            stats.paused_partitions.load(Relaxed),
+        );
+        int(
+            &self.retrying_partitions,
+            stats.retrying_partitions.load(Relaxed),
+        );
+        self.oldest_unfinished
+            .get_or_create(labels)
+            .set(stats.oldest_unfinished().map_or(0.0, |d| d.as_secs_f64()));
+        self.last_failure.get_or_create(labels).set(
+            stats
+                .last_failure()
+                .map_or(0.0, |(at, _)| at.timestamp_millis() as f64 / 1000.0),
+        );
+    }
+
+    /// Drops a module's gauges (its consumer stopped on this instance).
+    pub fn remove_module(&self, labels: &ModuleLabels) {
+        self.in_flight.remove(labels);
+        self.retrying.remove(labels);
+        self.assigned_partitions.remove(labels);
+        self.paused_partitions.remove(labels);
+        self.retrying_partitions.remove(labels);
+        self.oldest_unfinished.remove(labels);
+        self.last_failure.remove(labels);
     }
 
     /// The Prometheus text exposition.

@@ -227,6 +227,9 @@ pub struct Tokens {
     http: reqwest::Client,
     cache: Mutex<HashMap<String, (String, Instant)>>,
     failures: Mutex<HashMap<String, String>>,
+    /// One login at a time per tenant: concurrent deliveries that find no token wait for the
+    /// login in progress instead of each logging in.
+    logins: Mutex<HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Tokens {
@@ -237,7 +240,16 @@ impl Tokens {
             http,
             cache: Mutex::default(),
             failures: Mutex::default(),
+            logins: Mutex::default(),
         }
+    }
+
+    fn cached(&self, tenant: &TenantId) -> Option<String> {
+        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache
+            .get(tenant.as_str())
+            .filter(|(_, until)| Instant::now() < *until)
+            .map(|(token, _)| token.clone())
     }
 
     /// The token to send, `None` when the system user is disabled (`SYSTEM_USER_CREATE=false`).
@@ -245,15 +257,20 @@ impl Tokens {
         if !self.cfg.create {
             return Ok(None);
         }
-        if let Some((token, until)) = self
-            .cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(tenant.as_str())
-        {
-            if Instant::now() < *until {
-                return Ok(Some(token.clone()));
-            }
+        if let Some(token) = self.cached(tenant) {
+            return Ok(Some(token));
+        }
+        let gate = std::sync::Arc::clone(
+            self.logins
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(tenant.to_string())
+                .or_default(),
+        );
+        let _one_login = gate.lock().await;
+        // Another delivery may have logged in while this one waited.
+        if let Some(token) = self.cached(tenant) {
+            return Ok(Some(token));
         }
         match self.login(tenant).await {
             Ok((token, lifetime)) => {

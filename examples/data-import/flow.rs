@@ -14,8 +14,9 @@
 //!
 //! Flow control is back-pressure, not a blocking queue: a reader holds one chunk per file and
 //! reads the next once Kafka acknowledged the last; each stage handles at most `max_in_flight`
-//! records and pauses its partitions when it has that many (pubsub's engine pushes one at a
-//! time per module); the topics are the buffers between the stages.
+//! records at once and reads no more of a partition that holds that many unfinished (pubsub's
+//! engine does the same with `DELIVERY_MAX_IN_FLIGHT` per module); the topics are the buffers
+//! between the stages.
 //!
 //! Shared by the example's binary (`main.rs`) and the integration test
 //! `tests/api/data_import.rs`.

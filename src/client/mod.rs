@@ -60,11 +60,13 @@
 //! # Consuming
 //!
 //! [`DirectConsumer`] consumes event types of one tenant or of every tenant with an async
-//! handler: up to [`ConsumerOptions::max_in_flight`] records at once (events with the same key
-//! one after another), pausing the partitions when that many are in flight and resuming below
-//! [`ConsumerOptions::resume_below`]; an offset is committed only when every record before it
-//! is finished; a failing handler is retried after the waits of
-//! [`ConsumerOptions::retry_schedule`], then the record goes to the tenant's dead-letter topic.
+//! handler: up to [`ConsumerOptions::max_in_flight`] handler calls at once (events with the
+//! same key one after another), each partition read on its own with at most that many
+//! unfinished records, so a partition whose records fail or are slow never holds up the
+//! others; an offset is committed only when every record before it is finished; a failing
+//! handler is retried after the waits of [`ConsumerOptions::retry_schedule`], then the record
+//! goes to the tenant's dead-letter topic. It runs on the same consumer core as pubsub's
+//! delivery engine.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), mod_pubsub::client::ClientError> {
@@ -89,6 +91,7 @@
 //! ```
 
 mod consumer;
+pub(crate) mod dispatch;
 mod publisher;
 
 pub use consumer::{ConsumerOptions, ConsumerStats, DirectConsumer, ReceivedEvent};

@@ -233,6 +233,13 @@ impl Engine {
         stop: &CancellationToken,
     ) -> Result<usize, String> {
         let topics = self.subscribed_topics(tenant, module);
+        // One record at a time, through the same retries and dead letters as the module's
+        // consumer.
+        let pipeline = self.pipeline(Arc::default(), 1);
+        let handler = super::ModuleHandler {
+            engine: self.as_ref(),
+            module,
+        };
         let mut total = 0;
         for topic in topics {
             let consumer: StreamConsumer = crate::kafka::client_config(&self.config.kafka)
@@ -311,7 +318,8 @@ impl Engine {
                     .get("folio.tenantId")
                     .is_none_or(|t| t == tenant.as_str());
                 if of_tenant {
-                    self.handle(module, &msg, stop).await;
+                    let msg = msg.detach();
+                    pipeline.process(&handler, &msg, stop).await;
                     total += 1;
                 }
             }

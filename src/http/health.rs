@@ -18,7 +18,8 @@ pub fn router() -> OpenApiRouter<AppState> {
 
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Health of the service and its database.
+/// Health of the service and its database; further lines name system-user logins that fail
+/// and subscriber modules whose deliveries are retrying, paused or recently failed.
 #[utoipa::path(get, path = "/admin/health", tag = "admin",
     responses((status = 200, description = "Healthy", body = String, content_type = "text/plain"),
               (status = 503, description = "A dependency is down; the body says which", body = String, content_type = "text/plain")))]
@@ -42,6 +43,11 @@ async fn health(State(state): State<AppState>) -> impl IntoResponse {
                 body.push_str(&format!(
                     "\nsystem user login failing for tenant {tenant}: {reason}"
                 ));
+            }
+            // Subscribers in trouble: records retrying, partitions paused, a recent failure.
+            // A subscriber's trouble is not this service's, so the status stays 200.
+            for report in state.engine.reports() {
+                body.push_str(&format!("\n{report}"));
             }
             (StatusCode::OK, text, body)
         }

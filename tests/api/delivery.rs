@@ -24,7 +24,9 @@ pub struct Received {
     pub body: String,
 }
 
-/// What a path answers: a status per call (the last one repeats).
+/// What a path answers: a status per call (the last one repeats). Keys are `path`,
+/// `path@tenant` (calls for that tenant) or `path#body` (calls with that body), the most
+/// specific first.
 type Plan = HashMap<String, Vec<u16>>;
 
 /// A fake Okapi: subscriber callbacks (any other POST), and the mod-users, mod-login and
@@ -33,11 +35,16 @@ type Plan = HashMap<String, Vec<u16>>;
 pub struct FakeOkapi {
     pub received: Arc<Mutex<Vec<Received>>>,
     plan: Arc<Mutex<Plan>>,
+    /// Calls so far per plan key (`path`, `path@tenant`, `path#body`).
+    answered: Arc<Mutex<HashMap<String, usize>>>,
     /// Bodies returned by GET /users and GET /perms/users/… (else empty / 404).
     pub users: Arc<Mutex<Option<Value>>>,
     pub perms: Arc<Mutex<Option<Value>>>,
     /// Milliseconds every subscriber callback takes.
     pub delay_ms: Arc<std::sync::atomic::AtomicU64>,
+    /// Subscriber callbacks being answered now, and the most there were at once.
+    pub concurrent: Arc<std::sync::atomic::AtomicUsize>,
+    pub peak: Arc<std::sync::atomic::AtomicUsize>,
     pub base: String,
 }
 
@@ -68,6 +75,14 @@ impl FakeOkapi {
             .iter()
             .filter(|r| r.path == path)
             .cloned()
+            .collect()
+    }
+
+    /// Requests on `path` for `tenant`.
+    pub fn received_for(&self, path: &str, tenant: &str) -> Vec<Received> {
+        self.received_on(path)
+            .into_iter()
+            .filter(|r| r.headers["x-okapi-tenant"] == tenant)
             .collect()
     }
 
@@ -111,17 +126,33 @@ async fn okapi(
     headers: HeaderMap,
     body: Bytes,
 ) -> axum::response::Response {
+    use std::sync::atomic::Ordering::SeqCst;
     let path = format!("/{path}");
-    let delay = fake.delay_ms.load(std::sync::atomic::Ordering::Relaxed);
-    if delay > 0
-        && method == axum::http::Method::POST
+    let callback = method == axum::http::Method::POST
         && !path.starts_with("/authn/")
         && !path.starts_with("/perms/")
-        && path != "/users"
-    {
-        tokio::time::sleep(Duration::from_millis(delay)).await;
+        && path != "/users";
+    let delay = fake.delay_ms.load(SeqCst);
+    if callback {
+        let now = fake.concurrent.fetch_add(1, SeqCst) + 1;
+        fake.peak.fetch_max(now, SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+        fake.concurrent.fetch_sub(1, SeqCst);
     }
-    let nth = {
+    let body = String::from_utf8_lossy(&body).into_owned();
+    let tenant = headers
+        .get("x-okapi-tenant")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let keys = [
+        format!("{path}@{tenant}"),
+        format!("{path}#{body}"),
+        path.clone(),
+    ];
+    let planned = {
         let mut received = fake.received.lock().unwrap();
         received.push(Received {
             at: Instant::now(),
@@ -131,16 +162,29 @@ async fn okapi(
                 .iter()
                 .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
                 .collect(),
-            body: String::from_utf8_lossy(&body).into_owned(),
+            body: body.clone(),
         });
-        received.iter().filter(|r| r.path == path).count()
+        drop(received);
+        // Every call counts for each of its keys, planned or not, so that a plan set later
+        // goes on from the calls made so far.
+        let mut answered = fake.answered.lock().unwrap();
+        for key in &keys {
+            *answered.entry(key.clone()).or_default() += 1;
+        }
+        let plan = fake.plan.lock().unwrap();
+        keys.iter().find_map(|key| {
+            let statuses = plan.get(key)?;
+            let nth = answered[key];
+            Some(statuses[(nth - 1).min(statuses.len() - 1)])
+        })
     };
-    let planned = fake
-        .plan
+    let nth = fake
+        .received
         .lock()
         .unwrap()
-        .get(&path)
-        .map(|p| p[(nth - 1).min(p.len() - 1)]);
+        .iter()
+        .filter(|r| r.path == path)
+        .count();
     let status = |default: u16| StatusCode::from_u16(planned.unwrap_or(default)).unwrap();
     if planned == Some(429) {
         return (
@@ -218,6 +262,26 @@ async fn publish(app: &TestApp, event_type: &str, payload: &str) -> String {
             &event(&id, event_type, "diku", "mod-pub-1.0.0", payload),
         )
         .await;
+    assert_eq!(r.status(), 204);
+    id
+}
+
+/// Publishes with the partition key `key`: events with one key are delivered in order.
+pub async fn publish_keyed(
+    app: &TestApp,
+    tenant: &str,
+    event_type: &str,
+    key: &str,
+    payload: &str,
+) -> String {
+    let id = new_id();
+    let r = app
+        .req_as(tenant, reqwest::Method::POST, "/pubsub/publish")
+        .header("X-Pubsub-Partition-Key", key)
+        .json(&event(&id, event_type, tenant, "mod-pub-1.0.0", payload))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 204);
     id
 }
@@ -347,8 +411,9 @@ async fn exhausted_events_go_to_the_dead_letter_topic_and_the_next_event_follows
     let app = delivering_app(&fake, "50ms,50ms").await;
     register_publisher(&app, "diku", "DOOMED", "mod-pub-1.0.0").await;
     subscribe(&app, "mod-sub-1.0.0", "DOOMED", "/down").await;
-    let first = publish(&app, "DOOMED", r#"{"n":1}"#).await;
-    let second = publish(&app, "DOOMED", r#"{"n":2}"#).await;
+    // One key: the second waits for the first.
+    let first = publish_keyed(&app, "diku", "DOOMED", "loan-1", r#"{"n":1}"#).await;
+    let second = publish_keyed(&app, "diku", "DOOMED", "loan-1", r#"{"n":2}"#).await;
 
     // Three attempts for the first, then the second is delivered.
     let got = fake.wait_for("/down", 4, Duration::from_secs(20)).await;
@@ -413,8 +478,9 @@ async fn a_failing_subscriber_does_not_hold_up_another() {
     register_publisher(&app, "diku", "SHARED", "mod-pub-1.0.0").await;
     subscribe(&app, "mod-broken-1.0.0", "SHARED", "/broken").await;
     subscribe(&app, "mod-healthy-1.0.0", "SHARED", "/healthy").await;
+    // One key, so the broken subscriber must keep to the first event.
     for i in 0..20 {
-        publish(&app, "SHARED", &format!(r#"{{"n":{i}}}"#)).await;
+        publish_keyed(&app, "diku", "SHARED", "loan-1", &format!(r#"{{"n":{i}}}"#)).await;
     }
     let got = fake.wait_for("/healthy", 20, Duration::from_secs(20)).await;
     let bodies: Vec<&str> = got.iter().map(|r| r.body.as_str()).collect();
@@ -422,9 +488,10 @@ async fn a_failing_subscriber_does_not_hold_up_another() {
     assert_eq!(bodies, expected, "in order, each once");
     // Meanwhile the broken one is still retrying its first event.
     let broken = fake.received_on("/broken");
+    assert!(!broken.is_empty());
     assert!(
         broken.iter().all(|r| r.body == r#"{"n":0}"#),
-        "the broken subscriber keeps its order"
+        "the broken subscriber keeps its key's order"
     );
 }
 

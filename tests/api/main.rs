@@ -14,6 +14,7 @@ mod fixtures;
 mod health;
 mod history;
 mod interop;
+mod isolation;
 mod java_database;
 mod kafka_outage;
 mod kafka_util;
