@@ -181,19 +181,28 @@ impl Service {
     }
 
     pub async fn post(&self, path: &str, body: Value) -> reqwest::Response {
+        self.post_as(TENANT, path, body).await
+    }
+
+    pub async fn post_as(&self, tenant: &str, path: &str, body: Value) -> reqwest::Response {
         reqwest::Client::new()
             .post(format!("{}{path}", self.base))
-            .header("X-Okapi-Tenant", TENANT)
+            .header("X-Okapi-Tenant", tenant)
             .json(&body)
             .send()
             .await
             .unwrap()
     }
 
-    /// Enables the tenant and registers the bench publisher.
-    pub async fn register_publisher(&self) {
+    /// Enables `tenant` and registers the bench publisher of `event_types` there (one
+    /// declaration: a module's declaration replaces its earlier ones).
+    pub async fn register_publisher_of(&self, tenant: &str, event_types: &[&str]) {
         let job: Value = self
-            .post("/_/tenant", json!({"module_to": "mod-pubsub-1.0.0"}))
+            .post_as(
+                tenant,
+                "/_/tenant",
+                json!({"module_to": "mod-pubsub-1.0.0"}),
+            )
             .await
             .json()
             .await
@@ -204,22 +213,61 @@ impl Service {
                 self.base,
                 job["id"].as_str().unwrap()
             ))
-            .header("X-Okapi-Tenant", TENANT)
+            .header("X-Okapi-Tenant", tenant)
             .send()
             .await
             .unwrap();
-        let d = json!({"eventType": EVENT_TYPE, "description": "bench", "eventTTL": 1});
-        assert_eq!(
-            self.post("/pubsub/event-types", d.clone()).await.status(),
-            201
-        );
+        let descriptors: Vec<Value> = event_types
+            .iter()
+            .map(|t| json!({"eventType": t, "description": "bench", "eventTTL": 1}))
+            .collect();
+        for d in &descriptors {
+            assert_eq!(
+                self.post_as(tenant, "/pubsub/event-types", d.clone())
+                    .await
+                    .status(),
+                201
+            );
+        }
         let r = self
-            .post(
+            .post_as(
+                tenant,
                 "/pubsub/event-types/declare/publisher",
-                json!({"moduleId": PUBLISHER, "eventDescriptors": [d]}),
+                json!({"moduleId": PUBLISHER, "eventDescriptors": descriptors}),
             )
             .await;
         assert_eq!(r.status(), 201);
+    }
+
+    /// Declares `module` as subscriber of `event_type` in `tenant`, pushed to `callback`.
+    pub async fn subscribe(&self, tenant: &str, module: &str, event_type: &str, callback: &str) {
+        let r = self
+            .post_as(
+                tenant,
+                "/pubsub/event-types/declare/subscriber",
+                json!({"moduleId": module, "subscriptionDefinitions": [{"eventType": event_type, "callbackAddress": callback}]}),
+            )
+            .await;
+        assert_eq!(r.status(), 201);
+    }
+
+    /// Removes `module`'s subscription to `event_type` in `tenant`.
+    pub async fn unsubscribe(&self, tenant: &str, module: &str, event_type: &str) {
+        let r = reqwest::Client::new()
+            .delete(format!(
+                "{}/pubsub/event-types/{event_type}/subscribers?moduleId={module}",
+                self.base
+            ))
+            .header("X-Okapi-Tenant", tenant)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 204);
+    }
+
+    /// Enables the tenant and registers the bench publisher.
+    pub async fn register_publisher(&self) {
+        self.register_publisher_of(TENANT, &[EVENT_TYPE]).await;
     }
 }
 
@@ -380,9 +428,14 @@ pub fn raw_producer(bootstrap: &str) -> FutureProducer {
 
 /// An Event envelope as the service writes it.
 pub fn envelope(id: &str, payload: &str) -> Vec<u8> {
+    envelope_of(EVENT_TYPE, id, payload)
+}
+
+/// An Event envelope of `event_type` as the service writes it.
+pub fn envelope_of(event_type: &str, id: &str, payload: &str) -> Vec<u8> {
     serde_json::to_vec(&json!({
         "id": id,
-        "eventType": EVENT_TYPE,
+        "eventType": event_type,
         "eventMetadata": {"tenantId": TENANT, "eventTTL": 1, "publishedBy": PUBLISHER,
                           "publishedDate": chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.3f+00:00").to_string()},
         "eventPayload": payload,

@@ -49,26 +49,37 @@ async fn wait_healthy(client: &reqwest::Client, base: &str) {
     panic!("{base} did not become healthy");
 }
 
+/// Registers `mod-pub-1.0.0` as publisher and `mod-sub-1.0.0` as subscriber of `event_type`
+/// (pushed to `callback`) through `app`, and gives the environment for delivering instances.
+async fn registered(
+    app: &TestApp,
+    fake: &FakeOkapi,
+    event_type: &str,
+    callback: &str,
+) -> HashMap<String, String> {
+    register_publisher(app, "diku", event_type, "mod-pub-1.0.0").await;
+    let r = app
+        .post_json(
+            "diku",
+            "/pubsub/event-types/declare/subscriber",
+            &subscriber("mod-sub-1.0.0", &[(event_type, callback)]),
+        )
+        .await;
+    assert_eq!(r.status(), 201);
+    let mut env = app.env.clone();
+    env.insert("DELIVERY_ENABLED".into(), "true".into());
+    env.insert("OKAPI_URL".into(), fake.base.clone());
+    env.insert("DELIVERY_RETRY_SCHEDULE".into(), "100ms".into());
+    env
+}
+
 #[tokio::test]
 async fn kill_dash_nine_mid_delivery_loses_nothing() {
     let fake = FakeOkapi::start().await;
     fake.delay_ms.store(15, Ordering::Relaxed);
     // Registration and publishing through an in-process instance without delivery.
     let app = TestApp::spawn().await;
-    register_publisher(&app, "diku", "CRASH", "mod-pub-1.0.0").await;
-    let r = app
-        .post_json(
-            "diku",
-            "/pubsub/event-types/declare/subscriber",
-            &subscriber("mod-sub-1.0.0", &[("CRASH", "/crash")]),
-        )
-        .await;
-    assert_eq!(r.status(), 201);
-
-    let mut env = app.env.clone();
-    env.insert("DELIVERY_ENABLED".into(), "true".into());
-    env.insert("OKAPI_URL".into(), fake.base.clone());
-    env.insert("DELIVERY_RETRY_SCHEDULE".into(), "100ms".into());
+    let env = registered(&app, &fake, "CRASH", "/crash").await;
     let client = reqwest::Client::new();
     let (mut first, base) = start_binary(&env);
     wait_healthy(&client, &base).await;
@@ -186,20 +197,7 @@ async fn three_instances_survive_repeated_kill_dash_nine() {
         e.insert("NUMBER_OF_PARTITIONS".into(), "6".into());
     })
     .await;
-    register_publisher(&app, "diku", "CRASH3", "mod-pub-1.0.0").await;
-    let r = app
-        .post_json(
-            "diku",
-            "/pubsub/event-types/declare/subscriber",
-            &subscriber("mod-sub-1.0.0", &[("CRASH3", "/crash3")]),
-        )
-        .await;
-    assert_eq!(r.status(), 201);
-
-    let mut env = app.env.clone();
-    env.insert("DELIVERY_ENABLED".into(), "true".into());
-    env.insert("OKAPI_URL".into(), fake.base.clone());
-    env.insert("DELIVERY_RETRY_SCHEDULE".into(), "100ms".into());
+    let mut env = registered(&app, &fake, "CRASH3", "/crash3").await;
     env.insert(
         "DELIVERY_SESSION_TIMEOUT_MS".into(),
         SESSION.as_millis().to_string(),

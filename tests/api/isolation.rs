@@ -14,30 +14,8 @@ use crate::publish::{new_id, register_publisher};
 /// The production retry schedule: a failing event waits 1 s, 5 s, 30 s, ... between attempts.
 const REAL_SCHEDULE: &str = "1s,5s,30s,2m,10m";
 
-/// Enables `tenant` and registers `mod-pub-1.0.0` as publisher of all `event_types` (one
-/// declaration: a module's declaration replaces its earlier ones).
 async fn register_publisher_of(app: &TestApp, tenant: &str, event_types: &[&str]) {
-    app.enable_tenant(tenant).await;
-    let descriptors: Vec<Value> = event_types
-        .iter()
-        .map(|t| descriptor(t, "test event", 1))
-        .collect();
-    for d in &descriptors {
-        assert_eq!(
-            app.post_json(tenant, "/pubsub/event-types", d)
-                .await
-                .status(),
-            201
-        );
-    }
-    let r = app
-        .post_json(
-            tenant,
-            "/pubsub/event-types/declare/publisher",
-            &publisher("mod-pub-1.0.0", descriptors),
-        )
-        .await;
-    assert_eq!(r.status(), 201);
+    crate::publish::register_publisher_of(app, tenant, event_types, "mod-pub-1.0.0").await;
 }
 
 async fn subscribe_in(app: &TestApp, tenant: &str, module: &str, defs: &[(&str, &str)]) {

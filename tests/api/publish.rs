@@ -23,19 +23,35 @@ pub fn new_id() -> String {
 
 /// Enables the tenant and registers `module` as publisher of `event_type`.
 pub async fn register_publisher(app: &TestApp, tenant: &str, event_type: &str, module: &str) {
+    register_publisher_of(app, tenant, &[event_type], module).await;
+}
+
+/// Enables `tenant` and registers `module` as publisher of all `event_types` (one declaration:
+/// a module's declaration replaces its earlier ones).
+pub async fn register_publisher_of(
+    app: &TestApp,
+    tenant: &str,
+    event_types: &[&str],
+    module: &str,
+) {
     app.enable_tenant(tenant).await;
-    let d = descriptor(event_type, "test event", 1);
-    assert_eq!(
-        app.post_json(tenant, "/pubsub/event-types", &d)
-            .await
-            .status(),
-        201
-    );
+    let descriptors: Vec<Value> = event_types
+        .iter()
+        .map(|t| descriptor(t, "test event", 1))
+        .collect();
+    for d in &descriptors {
+        assert_eq!(
+            app.post_json(tenant, "/pubsub/event-types", d)
+                .await
+                .status(),
+            201
+        );
+    }
     let r = app
         .post_json(
             tenant,
             "/pubsub/event-types/declare/publisher",
-            &publisher(module, [d]),
+            &publisher(module, descriptors),
         )
         .await;
     assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
