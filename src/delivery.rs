@@ -503,18 +503,18 @@ impl ModuleHandler<'_> {
         let event = &received.event;
         let attempt = attempt as i32;
         let labels = Metrics::event(&event.event_type);
+        let audit = |state, attempt, error| {
+            engine.audit.record(delivery_row(
+                &tenant,
+                event,
+                &sub.module_id,
+                state,
+                attempt,
+                error,
+            ))
+        };
         if attempt == 1 {
-            engine
-                .audit
-                .record(delivery_row(
-                    &tenant,
-                    event,
-                    &sub.module_id,
-                    AuditState::Received,
-                    None,
-                    None,
-                ))
-                .await;
+            audit(AuditState::Received, None, None).await;
         } else {
             engine.metrics.retried.get_or_create(&labels).inc();
         }
@@ -542,17 +542,7 @@ impl ModuleHandler<'_> {
                         .get_or_create(&labels)
                         .observe(seconds);
                 }
-                engine
-                    .audit
-                    .record(delivery_row(
-                        &tenant,
-                        event,
-                        &sub.module_id,
-                        AuditState::Delivered,
-                        Some(attempt),
-                        None,
-                    ))
-                    .await;
+                audit(AuditState::Delivered, Some(attempt), None).await;
                 Verdict::Done
             }
             Err(failure) => {
@@ -567,17 +557,7 @@ impl ModuleHandler<'_> {
                     );
                     retry = Retry::Never;
                 }
-                engine
-                    .audit
-                    .record(delivery_row(
-                        &tenant,
-                        event,
-                        &sub.module_id,
-                        AuditState::Rejected,
-                        Some(attempt),
-                        Some(reason.clone()),
-                    ))
-                    .await;
+                audit(AuditState::Rejected, Some(attempt), Some(reason.clone())).await;
                 Verdict::Failed { reason, retry }
             }
         }
