@@ -128,8 +128,6 @@ pub(crate) struct Stats {
     pub pauses: AtomicU64,
     pub finished: AtomicU64,
     pub dead_lettered: AtomicU64,
-    /// Failed attempts.
-    pub failures: AtomicU64,
     /// Kafka timestamp (ms) of the oldest unfinished record; 0 when there is none.
     pub oldest_unfinished_ms: AtomicI64,
     pub last_failure: Mutex<Option<(DateTime<Utc>, String)>>,
@@ -137,7 +135,6 @@ pub(crate) struct Stats {
 
 impl Stats {
     fn note_failure(&self, reason: &str) {
-        self.failures.fetch_add(1, Ordering::Relaxed);
         *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) =
             Some((Utc::now(), reason.to_owned()));
     }
