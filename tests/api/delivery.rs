@@ -357,7 +357,8 @@ async fn events_are_posted_to_the_callback_with_payload_and_headers() {
     );
 }
 
-async fn metrics(app: &TestApp) -> String {
+/// `/admin/metrics`, checked to be Prometheus text.
+pub async fn metrics(app: &TestApp) -> String {
     let r = app
         .client
         .get(app.url("/admin/metrics"))

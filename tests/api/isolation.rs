@@ -29,17 +29,6 @@ async fn subscribe_in(app: &TestApp, tenant: &str, module: &str, defs: &[(&str, 
     assert_eq!(r.status(), 201);
 }
 
-async fn metrics_text(app: &TestApp) -> String {
-    app.client
-        .get(app.url("/admin/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 /// The value of the metric line that starts with `prefix`.
 fn metric(text: &str, prefix: &str) -> Option<f64> {
     text.lines()
@@ -99,7 +88,7 @@ async fn a_failing_tenant_does_not_hold_up_the_same_modules_other_tenants() {
     let module = r#"{module="mod-iso"}"#;
     let mut seen = String::new();
     for _ in 0..100 {
-        seen = metrics_text(&app).await;
+        seen = crate::delivery::metrics(&app).await;
         if metric(&seen, &format!("pubsub_delivery_paused_partitions{module}")) == Some(1.0) {
             break;
         }
