@@ -64,8 +64,12 @@ export_default_env() {
   : "${SYSTEM_USER_PASSWORD:=pubsub}"
   : "${HTTP_PORT:=8081}"
   : "${RUST_LOG:=info}"
+  # tansu holds every fetch for the full fetch.wait.max.ms (Kafka answers as soon as a record
+  # arrives): with the service's default of 500 ms each event would wait that long.
+  : "${DELIVERY_FETCH_WAIT_MS:=20}"
   export DB_HOST DB_PORT DB_USERNAME DB_PASSWORD DB_DATABASE
   export KAFKA_HOST KAFKA_PORT ENV OKAPI_URL SYSTEM_USER_NAME SYSTEM_USER_PASSWORD HTTP_PORT RUST_LOG
+  export DELIVERY_FETCH_WAIT_MS
 }
 
 # port_open HOST PORT: true when something accepts TCP connections there.

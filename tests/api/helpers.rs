@@ -147,6 +147,8 @@ pub fn test_env(db: &TestDb) -> HashMap<String, String> {
         format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..10]),
     );
     env.insert("KAFKA_ADMIN_TIMEOUT_MS".into(), "5000".into());
+    // tansu holds every fetch for the full wait (scripts/lib.sh says the same).
+    env.insert("DELIVERY_FETCH_WAIT_MS".into(), "20".into());
     env.insert("KAFKA_PUBLISH_TIMEOUT_MS".into(), "5000".into());
     env
 }
