@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Benchmarks against the real services: scripts/bench.sh [publish|delivery|data_import]
+# Benchmarks against the real services: scripts/bench.sh [publish|delivery|footprint|data_import]
 # Starts PostgreSQL and the broker if needed, builds the release binary (the service runs as its
 # own process), then runs the bench target, which prints a Markdown table.
 set -euo pipefail

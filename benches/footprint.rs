@@ -1,0 +1,357 @@
+//! Footprint of one instance as subscriptions grow: one subscriber module with 8 subscriptions
+//! in each of N tenants (mod-patron-blocks' shape), and optionally more modules.
+//!
+//! Run with `scripts/bench.sh footprint`. The service runs as its own process (the release
+//! binary). For each tenant count in `BENCH_TENANTS` (default `1,100,1000`), tenants are added
+//! (over the HTTP API, delivery off) until there are that many, one event is written to every
+//! subscribed topic, and a fresh instance is started with delivery on. Printed per count:
+//!
+//! * start-up until delivering: from spawning the process until every one of those events
+//!   reached its callback (so every subscription of every module delivers);
+//! * RSS (now and peak; and of the same instance with delivery off, which is what the
+//!   registrations and the service itself take), threads and TCP connections to the broker, 5 s after that;
+//! * CPU the idle instance uses over 10 s (what fetching many empty partitions costs).
+//!
+//! The delivery consumers run with the service's default `DELIVERY_FETCH_WAIT_MS` (500;
+//! `BENCH_FETCH_WAIT_MS` changes it). The first count is the baseline: the table gives each figure's growth against it.
+//! `BENCH_MODULES` (default 1) adds subscriber modules that subscribe to the same 8 event
+//! types in the first tenant only (the rest of a FOLIO install).
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, Uri};
+use common::{
+    bootstrap, env_or, envelope_of, payload, process_cpu, raw_producer, status_kib, Service, Setup,
+    PUBLISHER,
+};
+use futures::stream::{self, StreamExt};
+use rdkafka::producer::FutureRecord;
+use serde_json::{json, Value};
+
+const TYPES: [&str; 8] = [
+    "ITEM_CHECKED_OUT",
+    "ITEM_CHECKED_IN",
+    "ITEM_DECLARED_LOST",
+    "ITEM_AGED_TO_LOST",
+    "ITEM_CLAIMED_RETURNED",
+    "LOAN_DUE_DATE_CHANGED",
+    "FEE_FINE_BALANCE_CHANGED",
+    "LOAN_CLOSED",
+];
+const MODULE: &str = "mod-patron-blocks-1.0.0";
+
+/// (callback path, event id) of every delivery.
+#[derive(Clone, Default)]
+struct Sink(Arc<Mutex<HashSet<(String, String)>>>);
+
+async fn sink(State(s): State<Sink>, uri: Uri, headers: HeaderMap) -> StatusCode {
+    if let Some(id) = headers
+        .get("x-pubsub-event-id")
+        .and_then(|v| v.to_str().ok())
+    {
+        s.0.lock()
+            .unwrap()
+            .insert((uri.path().to_owned(), id.to_owned()));
+    }
+    StatusCode::NO_CONTENT
+}
+
+/// Each module's callback.
+fn callback(module: &str) -> String {
+    format!("/{module}/handlers/events")
+}
+
+fn tenant(i: usize) -> String {
+    format!("fp_t{i:04}")
+}
+
+/// Enables `tenant`, registers the publisher of the 8 types and `modules` as subscribers.
+async fn register(service: &Service, tenant: &str, modules: &[String]) {
+    let http = &service.http;
+    let job: Value = service
+        .post_as(
+            tenant,
+            "/_/tenant",
+            json!({"module_to": "mod-pubsub-1.0.0"}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let r = http
+        .get(format!(
+            "{}/_/tenant/{}?wait=60000",
+            service.base,
+            job["id"].as_str().unwrap()
+        ))
+        .header("X-Okapi-Tenant", tenant)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "tenant job of {tenant}");
+    let descriptors: Vec<Value> = TYPES
+        .iter()
+        .map(|t| json!({"eventType": t, "description": "footprint", "eventTTL": 1}))
+        .collect();
+    for d in &descriptors {
+        let r = service
+            .post_as(tenant, "/pubsub/event-types", d.clone())
+            .await;
+        assert_eq!(r.status(), 201, "event type in {tenant}");
+    }
+    let r = service
+        .post_as(
+            tenant,
+            "/pubsub/event-types/declare/publisher",
+            json!({"moduleId": PUBLISHER, "eventDescriptors": descriptors}),
+        )
+        .await;
+    assert_eq!(r.status(), 201, "publisher in {tenant}");
+    for module in modules {
+        let definitions: Vec<Value> = TYPES
+            .iter()
+            .map(|t| json!({"eventType": t, "callbackAddress": callback(module)}))
+            .collect();
+        let r = service
+            .post_as(
+                tenant,
+                "/pubsub/event-types/declare/subscriber",
+                json!({"moduleId": module, "subscriptionDefinitions": definitions}),
+            )
+            .await;
+        assert_eq!(r.status(), 201, "subscriber {module} in {tenant}");
+    }
+}
+
+/// TCP connections of `pid` to the broker's port (its sockets, matched in /proc/net/tcp*).
+fn broker_connections(pid: u32, port: u16) -> usize {
+    let inodes: HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| {
+            dir.filter_map(|e| {
+                let link = std::fs::read_link(e.ok()?.path()).ok()?;
+                let link = link.to_str()?;
+                Some(link.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+            })
+            .collect()
+        })
+        .unwrap_or_default();
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .flat_map(|table| {
+            table
+                .lines()
+                .skip(1)
+                .map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+                .collect::<Vec<_>>()
+        })
+        .filter(|cols| cols.len() > 9)
+        .filter(|cols| {
+            let remote_port = cols[2]
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            remote_port == Some(port) && cols[3] == "01" && inodes.contains(&cols[9])
+        })
+        .count()
+}
+
+struct Row {
+    tenants: usize,
+    topics: usize,
+    startup: Duration,
+    rss: f64,
+    peak: f64,
+    rss_without_delivery: f64,
+    threads: u64,
+    connections: usize,
+    idle_cpu: f64,
+}
+
+#[tokio::main]
+async fn main() {
+    if !common::run_as_bench("footprint") {
+        return;
+    }
+    let counts: Vec<usize> = env_or("BENCH_TENANTS", "1,100,1000")
+        .split(',')
+        .map(|c| c.trim().parse().unwrap())
+        .collect();
+    let modules: Vec<String> = (0..env_or("BENCH_MODULES", "1").parse::<usize>().unwrap())
+        .map(|i| match i {
+            0 => MODULE.to_owned(),
+            i => format!("mod-other{i}-1.0.0"),
+        })
+        .collect();
+    // The service's default (what a deployment on Kafka runs), not the scripts' 20 ms for
+    // tansu: tansu holds each fetch this long, so start-up includes up to one such wait.
+    let fetch_wait = env_or("BENCH_FETCH_WAIT_MS", "500");
+    let kafka_port: u16 = env_or("KAFKA_PORT", "9092").parse().unwrap();
+
+    let sink_state = Sink::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let okapi = format!("http://{}", listener.local_addr().unwrap());
+    let app = axum::Router::new()
+        .fallback(axum::routing::post(sink))
+        .with_state(sink_state.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let setup = Setup::new().await;
+    let producer = raw_producer(&bootstrap());
+    let body = payload();
+    let mut registered = 0usize;
+    let mut rows = Vec::new();
+    for &count in &counts {
+        // Registrations up to `count` tenants, with delivery off.
+        if registered < count {
+            let started = Instant::now();
+            let service = Service::start(&setup, &[("DELIVERY_ENABLED", "false")]).await;
+            let service = &service;
+            let (first, all) = (modules.clone(), vec![modules[0].clone()]);
+            stream::iter(registered..count)
+                .map(|i| {
+                    let subscribers = if i == 0 { first.clone() } else { all.clone() };
+                    async move { register(service, &tenant(i), &subscribers).await }
+                })
+                .buffer_unordered(4)
+                .collect::<Vec<()>>()
+                .await;
+            eprintln!(
+                "registered tenants {registered}..{count} in {:.0} s",
+                started.elapsed().as_secs_f64()
+            );
+            registered = count;
+            // Events published before a registration's created_date are not its subscriber's.
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+        }
+        // One event in every subscribed topic.
+        let mut expected = HashSet::new();
+        let mut acks = Vec::new();
+        for i in 0..count {
+            let t = tenant(i);
+            for event_type in TYPES {
+                let id = uuid::Uuid::new_v4().to_string();
+                let topic = format!("{}.Default.{t}.{event_type}", setup.env_prefix);
+                let mut value: Value =
+                    serde_json::from_slice(&envelope_of(event_type, &id, &body)).unwrap();
+                value["eventMetadata"]["tenantId"] = json!(t);
+                let value = serde_json::to_vec(&value).unwrap();
+                acks.push(
+                    producer
+                        .send_result(FutureRecord::to(&topic).key(&id).payload(&value))
+                        .map_err(|_| "queue")
+                        .unwrap(),
+                );
+                let subscribers = if i == 0 { &modules[..] } else { &modules[..1] };
+                for m in subscribers {
+                    expected.insert((callback(m), id.clone()));
+                }
+            }
+        }
+        for a in acks {
+            a.await.unwrap().unwrap();
+        }
+        // The same instance with delivery off: what the registrations themselves cost.
+        let idle = Service::start(&setup, &[("DELIVERY_ENABLED", "false")]).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let rss_without_delivery = status_kib(idle.pid(), "VmRSS:") as f64 / 1024.0;
+        drop(idle);
+        let started = Instant::now();
+        let service = Service::start(
+            &setup,
+            &[
+                ("DELIVERY_ENABLED", "true"),
+                ("OKAPI_URL", &okapi),
+                ("DELIVERY_FETCH_WAIT_MS", &fetch_wait),
+            ],
+        )
+        .await;
+        let deadline = started + Duration::from_secs(600);
+        loop {
+            let got = sink_state.0.lock().unwrap().intersection(&expected).count();
+            if got == expected.len() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{count} tenants: {got} of {} delivered",
+                expected.len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let startup = started.elapsed();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let pid = service.pid();
+        let (rss, peak) = (
+            status_kib(pid, "VmRSS:") as f64 / 1024.0,
+            status_kib(pid, "VmHWM:") as f64 / 1024.0,
+        );
+        let threads = status_kib(pid, "Threads:");
+        let connections = broker_connections(pid, kafka_port);
+        let cpu_before = process_cpu(pid);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let idle_cpu = (process_cpu(pid) - cpu_before).as_secs_f64() / 10.0;
+        drop(service);
+        let row = Row {
+            tenants: count,
+            topics: count * TYPES.len(),
+            startup,
+            rss,
+            peak,
+            rss_without_delivery,
+            threads,
+            connections,
+            idle_cpu,
+        };
+        eprintln!(
+            "{count} tenants: delivering after {:.1} s, RSS {rss:.1} MiB (peak {peak:.1}; {rss_without_delivery:.1} with delivery off), {threads} threads, {connections} broker connections, idle CPU {:.0} %",
+            startup.as_secs_f64(),
+            idle_cpu * 100.0
+        );
+        rows.push(row);
+    }
+    println!(
+        "footprint: {} subscriber module(s); {MODULE} subscribes to 8 event types in every tenant",
+        modules.len()
+    );
+    println!("| tenants | topics subscribed | start-up until every subscription delivered | RSS MiB (peak) | RSS with delivery off | threads | broker connections | idle CPU (one core = 100 %) |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in &rows {
+        println!(
+            "| {} | {} | {:.1} s | {:.1} ({:.1}) | {:.1} | {} | {} | {:.0} % |",
+            r.tenants,
+            r.topics,
+            r.startup.as_secs_f64(),
+            r.rss,
+            r.peak,
+            r.rss_without_delivery,
+            r.threads,
+            r.connections,
+            r.idle_cpu * 100.0
+        );
+    }
+    if let (Some(first), Some(last)) = (rows.first(), rows.last()) {
+        println!(
+            "growth from {} to {} tenants: RSS ×{:.2}, threads {:+}, broker connections {:+}, start-up ×{:.1}",
+            first.tenants,
+            last.tenants,
+            last.rss / first.rss,
+            last.threads as i64 - first.threads as i64,
+            last.connections as i64 - first.connections as i64,
+            last.startup.as_secs_f64() / first.startup.as_secs_f64()
+        );
+    }
+    if env_or("BENCH_KEEP", "") == "1" {
+        eprintln!(
+            "kept: DB_DATABASE={} ENV={}",
+            setup.database, setup.env_prefix
+        );
+    } else {
+        setup.drop_database().await;
+    }
+}
