@@ -1,18 +1,25 @@
 #!/usr/bin/env bash
-# Opt-in: build this workspace against librdkafka with docs/librdkafka-idempotent-wakeup.patch.
+# Opt-in: build this workspace against librdkafka with patches from docs/:
+#   scripts/patch-librdkafka.sh [PATCH...]
+# (default: docs/librdkafka-idempotent-wakeup.patch and docs/librdkafka-topic-lookup.patch).
 #
 # Copies the rdkafka-sys crate that Cargo.lock names from Cargo's registry into
-# vendor/rdkafka-sys, applies the patch to its bundled librdkafka and points Cargo at the copy
+# vendor/rdkafka-sys, applies the patches to its bundled librdkafka and points Cargo at the copy
 # with [patch.crates-io]. Commit vendor/ and the Cargo.toml change to adopt it; to undo, run
 #   git checkout Cargo.toml Cargo.lock && rm -rf vendor/rdkafka-sys
-# The README's Performance section says what the patch changes and why it is not applied.
+# The README's Performance section and docs/benchmarks.md say what each patch changes and why
+# they are not applied.
 set -euo pipefail
 
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "${PUBSUB_REPO_ROOT}"
 
-patch_file="docs/librdkafka-idempotent-wakeup.patch"
+if [[ $# -gt 0 ]]; then
+  patch_files=("$@")
+else
+  patch_files=(docs/librdkafka-idempotent-wakeup.patch docs/librdkafka-topic-lookup.patch)
+fi
 target="vendor/rdkafka-sys"
 
 if grep -q '^rdkafka-sys = { path = "vendor/rdkafka-sys" }' Cargo.toml; then
@@ -31,13 +38,15 @@ source_dir="$(find "${CARGO_HOME:-${HOME}/.cargo}/registry/src" -maxdepth 2 -typ
 log "copying rdkafka-sys ${version} to ${target}"
 mkdir -p vendor
 cp -a "${source_dir}" "${target}"
-log "applying ${patch_file}"
-patch -d "${target}/librdkafka" -p1 --forward < "${patch_file}" \
-  || { rm -rf "${target}"; die "the patch does not apply to rdkafka-sys ${version}"; }
+for patch_file in "${patch_files[@]}"; do
+  log "applying ${patch_file}"
+  patch -d "${target}/librdkafka" -p1 --forward < "${patch_file}" \
+    || { rm -rf "${target}"; die "${patch_file} does not apply to rdkafka-sys ${version}"; }
+done
 
 cat >> Cargo.toml <<'EOF'
 
-# librdkafka with docs/librdkafka-idempotent-wakeup.patch (scripts/patch-librdkafka.sh).
+# librdkafka with patches from docs/ (scripts/patch-librdkafka.sh).
 [patch.crates-io]
 rdkafka-sys = { path = "vendor/rdkafka-sys" }
 EOF
