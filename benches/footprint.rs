@@ -26,12 +26,10 @@ use std::time::{Duration, Instant};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
 use common::{
-    bootstrap, env_or, envelope_of, payload, process_cpu, raw_producer, status_kib, Service, Setup,
-    PUBLISHER,
+    bootstrap, env_or, envelope_in, payload, process_cpu, raw_producer, status_kib, Service, Setup,
 };
 use futures::stream::{self, StreamExt};
 use rdkafka::producer::FutureRecord;
-use serde_json::{json, Value};
 
 const TYPES: [&str; 8] = [
     "ITEM_CHECKED_OUT",
@@ -70,61 +68,23 @@ fn tenant(i: usize) -> String {
     format!("fp_t{i:04}")
 }
 
+/// The modules that subscribe in the `i`-th tenant: all of them in the first, the first module
+/// (mod-patron-blocks) everywhere.
+fn subscribers(modules: &[String], i: usize) -> &[String] {
+    if i == 0 {
+        modules
+    } else {
+        &modules[..1]
+    }
+}
+
 /// Enables `tenant`, registers the publisher of the 8 types and `modules` as subscribers.
 async fn register(service: &Service, tenant: &str, modules: &[String]) {
-    let http = &service.http;
-    let job: Value = service
-        .post_as(
-            tenant,
-            "/_/tenant",
-            json!({"module_to": "mod-pubsub-1.0.0"}),
-        )
-        .await
-        .json()
-        .await
-        .unwrap();
-    let r = http
-        .get(format!(
-            "{}/_/tenant/{}?wait=60000",
-            service.base,
-            job["id"].as_str().unwrap()
-        ))
-        .header("X-Okapi-Tenant", tenant)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200, "tenant job of {tenant}");
-    let descriptors: Vec<Value> = TYPES
-        .iter()
-        .map(|t| json!({"eventType": t, "description": "footprint", "eventTTL": 1}))
-        .collect();
-    for d in &descriptors {
-        let r = service
-            .post_as(tenant, "/pubsub/event-types", d.clone())
-            .await;
-        assert_eq!(r.status(), 201, "event type in {tenant}");
-    }
-    let r = service
-        .post_as(
-            tenant,
-            "/pubsub/event-types/declare/publisher",
-            json!({"moduleId": PUBLISHER, "eventDescriptors": descriptors}),
-        )
-        .await;
-    assert_eq!(r.status(), 201, "publisher in {tenant}");
+    service.register_publisher_of(tenant, &TYPES).await;
     for module in modules {
-        let definitions: Vec<Value> = TYPES
-            .iter()
-            .map(|t| json!({"eventType": t, "callbackAddress": callback(module)}))
-            .collect();
-        let r = service
-            .post_as(
-                tenant,
-                "/pubsub/event-types/declare/subscriber",
-                json!({"moduleId": module, "subscriptionDefinitions": definitions}),
-            )
+        service
+            .subscribe_to(tenant, module, &TYPES, &callback(module))
             .await;
-        assert_eq!(r.status(), 201, "subscriber {module} in {tenant}");
     }
 }
 
@@ -212,12 +172,11 @@ async fn main() {
             let started = Instant::now();
             let service = Service::start(&setup, &[("DELIVERY_ENABLED", "false")]).await;
             let service = &service;
-            let (first, all) = (modules.clone(), vec![modules[0].clone()]);
+            let modules = &modules;
             stream::iter(registered..count)
-                .map(|i| {
-                    let subscribers = if i == 0 { first.clone() } else { all.clone() };
-                    async move { register(service, &tenant(i), &subscribers).await }
-                })
+                .map(
+                    |i| async move { register(service, &tenant(i), subscribers(modules, i)).await },
+                )
                 .buffer_unordered(4)
                 .collect::<Vec<()>>()
                 .await;
@@ -237,18 +196,14 @@ async fn main() {
             for event_type in TYPES {
                 let id = uuid::Uuid::new_v4().to_string();
                 let topic = format!("{}.Default.{t}.{event_type}", setup.env_prefix);
-                let mut value: Value =
-                    serde_json::from_slice(&envelope_of(event_type, &id, &body)).unwrap();
-                value["eventMetadata"]["tenantId"] = json!(t);
-                let value = serde_json::to_vec(&value).unwrap();
+                let value = envelope_in(&t, event_type, &id, &body);
                 acks.push(
                     producer
                         .send_result(FutureRecord::to(&topic).key(&id).payload(&value))
                         .map_err(|_| "queue")
                         .unwrap(),
                 );
-                let subscribers = if i == 0 { &modules[..] } else { &modules[..1] };
-                for m in subscribers {
+                for m in subscribers(&modules, i) {
                     expected.insert((callback(m), id.clone()));
                 }
             }

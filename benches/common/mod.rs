@@ -214,7 +214,8 @@ impl Service {
             .json()
             .await
             .unwrap();
-        self.http
+        let r = self
+            .http
             .get(format!(
                 "{}/_/tenant/{}?wait=30000",
                 self.base,
@@ -224,6 +225,7 @@ impl Service {
             .send()
             .await
             .unwrap();
+        assert_eq!(r.status(), 200, "tenant job of {tenant}");
         let descriptors: Vec<Value> = event_types
             .iter()
             .map(|t| json!({"eventType": t, "description": "bench", "eventTTL": 1}))
@@ -233,7 +235,8 @@ impl Service {
                 self.post_as(tenant, "/pubsub/event-types", d.clone())
                     .await
                     .status(),
-                201
+                201,
+                "event type in {tenant}"
             );
         }
         let r = self
@@ -243,19 +246,36 @@ impl Service {
                 json!({"moduleId": PUBLISHER, "eventDescriptors": descriptors}),
             )
             .await;
-        assert_eq!(r.status(), 201);
+        assert_eq!(r.status(), 201, "publisher in {tenant}");
     }
 
     /// Declares `module` as subscriber of `event_type` in `tenant`, pushed to `callback`.
     pub async fn subscribe(&self, tenant: &str, module: &str, event_type: &str, callback: &str) {
+        self.subscribe_to(tenant, module, &[event_type], callback)
+            .await;
+    }
+
+    /// Declares `module` as subscriber of all `event_types` in `tenant` (one declaration: it
+    /// replaces the module's earlier ones), pushed to `callback`.
+    pub async fn subscribe_to(
+        &self,
+        tenant: &str,
+        module: &str,
+        event_types: &[&str],
+        callback: &str,
+    ) {
+        let definitions: Vec<Value> = event_types
+            .iter()
+            .map(|t| json!({"eventType": t, "callbackAddress": callback}))
+            .collect();
         let r = self
             .post_as(
                 tenant,
                 "/pubsub/event-types/declare/subscriber",
-                json!({"moduleId": module, "subscriptionDefinitions": [{"eventType": event_type, "callbackAddress": callback}]}),
+                json!({"moduleId": module, "subscriptionDefinitions": definitions}),
             )
             .await;
-        assert_eq!(r.status(), 201);
+        assert_eq!(r.status(), 201, "subscriber {module} in {tenant}");
     }
 
     /// Removes `module`'s subscription to `event_type` in `tenant`.
@@ -441,10 +461,15 @@ pub fn envelope(id: &str, payload: &str) -> Vec<u8> {
 
 /// An Event envelope of `event_type` as the service writes it.
 pub fn envelope_of(event_type: &str, id: &str, payload: &str) -> Vec<u8> {
+    envelope_in(TENANT, event_type, id, payload)
+}
+
+/// An Event envelope of `event_type` in `tenant` as the service writes it.
+pub fn envelope_in(tenant: &str, event_type: &str, id: &str, payload: &str) -> Vec<u8> {
     serde_json::to_vec(&json!({
         "id": id,
         "eventType": event_type,
-        "eventMetadata": {"tenantId": TENANT, "eventTTL": 1, "publishedBy": PUBLISHER,
+        "eventMetadata": {"tenantId": tenant, "eventTTL": 1, "publishedBy": PUBLISHER,
                           "publishedDate": chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.3f+00:00").to_string()},
         "eventPayload": payload,
     }))
