@@ -36,6 +36,8 @@ pub mod http;
 pub mod kafka;
 pub mod lenient;
 #[cfg(feature = "server")]
+pub mod memory;
+#[cfg(feature = "server")]
 pub mod metrics;
 #[cfg(feature = "server")]
 pub mod registry;

@@ -54,6 +54,7 @@ fn init_tracing() {
 }
 
 fn main() -> ExitCode {
+    mod_pubsub::memory::limit_arenas();
     let cli = Cli::parse();
     if let Command::Openapi = cli.command {
         println!(

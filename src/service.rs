@@ -44,6 +44,7 @@ pub async fn run(
         pool.clone(),
         background.clone(),
     ));
+    workers.spawn(crate::memory::trim_loop(background.clone()));
     workers.spawn(audit::purge_loop(
         pool.clone(),
         config.audit.clone(),
