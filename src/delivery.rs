@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::error::KafkaResult;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -309,7 +310,12 @@ impl Engine {
         let subscribe = |set: &BTreeSet<String>| {
             let names: Vec<&str> = set.iter().map(String::as_str).collect();
             match dispatcher.subscribe(&names) {
-                Ok(()) => tracing::info!(%module, topics = ?names, "delivery consumer subscribed"),
+                Ok(()) => tracing::info!(
+                    %module,
+                    topics = names.len(),
+                    first = ?names.iter().take(3).collect::<Vec<_>>(),
+                    "delivery consumer subscribed"
+                ),
                 Err(e) => tracing::error!(%module, error = %e, "subscribe failed"),
             }
         };
@@ -334,6 +340,7 @@ impl Engine {
         };
         let mut gauges = tokio::time::interval(GAUGES_EVERY);
         let mut lag_tick = tokio::time::interval(LAG_EVERY);
+        let mut lag_task: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             tokio::select! {
                 result = &mut run => {
@@ -343,11 +350,17 @@ impl Engine {
                     break;
                 }
                 _ = gauges.tick() => self.metrics.module_gauges(&labels, &stats),
-                _ = lag_tick.tick() => {
+                // Off this loop, which must keep polling the dispatcher; one at a time.
+                _ = lag_tick.tick(), if lag_task.as_ref().is_none_or(|t| t.is_finished()) => {
                     let c = Arc::clone(dispatcher.consumer());
-                    if let Ok(Some(lag)) = tokio::task::spawn_blocking(move || lag(&c)).await {
-                        self.metrics.consumer_lag.get_or_create(&group).set(lag);
-                    }
+                    let gauge = self.metrics.consumer_lag.get_or_create(&group).clone();
+                    let module = module.clone();
+                    lag_task = Some(tokio::task::spawn_blocking(move || match lag(&c) {
+                        Ok(lag) => {
+                            gauge.set(lag);
+                        }
+                        Err(e) => tracing::debug!(%module, error = %e, "consumer lag not read"),
+                    }));
                 }
                 changed = topics.changed() => {
                     if changed.is_ok() {
@@ -577,9 +590,10 @@ impl Handler for ModuleHandler<'_> {
     }
 
     fn subscriber(&self, received: Option<&ReceivedEvent>) -> String {
-        received
-            .and_then(|r| self.subscription(r))
-            .map_or_else(|| self.module.to_owned(), |(_, sub)| sub.module_id)
+        received.and_then(|r| self.subscription(r)).map_or_else(
+            || self.module.to_owned(),
+            |(_, sub)| sub.module_id.to_string(),
+        )
     }
 
     async fn dead_lettered(&self, received: Option<&ReceivedEvent>, reason: &str, _attempts: u32) {
@@ -632,21 +646,52 @@ fn delivery_row(
     })
 }
 
-/// Records behind on the partitions this consumer holds (blocking: broker round trips).
-fn lag<C: ConsumerContext>(consumer: &StreamConsumer<C>) -> Option<i64> {
-    let positions = consumer.position().ok()?;
-    let mut total = 0;
-    for tp in positions.elements() {
-        let (low, high) = consumer
-            .fetch_watermarks(tp.topic(), tp.partition(), Duration::from_secs(2))
-            .ok()?;
-        let at = match tp.offset() {
-            rdkafka::Offset::Offset(o) => o,
-            _ => low,
-        };
-        total += (high - at).max(0);
+/// Records the group has not finished on the partitions this consumer holds (blocking: broker
+/// round trips): each partition's end offset minus the group's committed offset, the lag
+/// Kafka's own tools report; a partition without a commit counts from its earliest offset. The
+/// offsets of all partitions come in one request each (`offsets_for_times` with Kafka's
+/// "latest" and "earliest"), not one watermark request per partition: at 8,000 partitions those
+/// took seconds every time.
+fn lag<C: ConsumerContext>(consumer: &StreamConsumer<C>) -> KafkaResult<i64> {
+    const TIMEOUT: Duration = Duration::from_secs(5);
+    let committed = consumer.committed(TIMEOUT)?;
+    if committed.count() == 0 {
+        return Ok(0);
     }
-    Some(total)
+    // `Offset::End` and `Offset::Beginning` are ListOffsets' "latest" and "earliest" (-1, -2).
+    let query = |at: rdkafka::Offset| -> KafkaResult<rdkafka::TopicPartitionList> {
+        let mut tpl = committed.clone();
+        tpl.set_all_offsets(at)?;
+        consumer.offsets_for_times(tpl, TIMEOUT)
+    };
+    let ends = query(rdkafka::Offset::End)?;
+    let uncommitted = committed
+        .elements()
+        .iter()
+        .any(|tp| !matches!(tp.offset(), rdkafka::Offset::Offset(_)));
+    let starts = if uncommitted {
+        Some(query(rdkafka::Offset::Beginning)?)
+    } else {
+        None
+    };
+    // By hand-built maps: the list's own find is a linear scan (quadratic at 8,000 partitions).
+    let committed = committed.to_topic_map();
+    let starts = starts.map(|s| s.to_topic_map());
+    let offset = |map: &std::collections::HashMap<(String, i32), rdkafka::Offset>,
+                  key: &(String, i32)| match map.get(key) {
+        Some(rdkafka::Offset::Offset(o)) => Some(*o),
+        _ => None,
+    };
+    let mut total = 0;
+    for end in ends.elements() {
+        let key = (end.topic().to_owned(), end.partition());
+        let done =
+            offset(&committed, &key).or_else(|| starts.as_ref().and_then(|s| offset(s, &key)));
+        if let (rdkafka::Offset::Offset(high), Some(done)) = (end.offset(), done) {
+            total += (high - done).max(0);
+        }
+    }
+    Ok(total)
 }
 
 /// A failed callback.

@@ -485,3 +485,52 @@ async fn stopping_abandons_waiting_retries_and_commits_nothing_unfinished() {
     );
     again.stop().await;
 }
+
+/// `pubsub_consumer_lag` is what the module's group has not finished: events in flight count
+/// until their callbacks end and their offsets are committed, then the lag is 0 again.
+#[tokio::test]
+async fn consumer_lag_counts_the_events_the_group_has_not_finished() {
+    let fake = FakeOkapi::start().await;
+    // Each callback takes longer than one lag reading's period (10 s).
+    fake.delay_ms.store(16_000, Ordering::SeqCst);
+    let db = TestDb::create().await;
+    let base = fake.base.clone();
+    let app = TestApp::spawn_on(db, move |e| {
+        e.insert("DELIVERY_ENABLED".into(), "true".into());
+        e.insert("OKAPI_URL".into(), base);
+        e.insert("DELIVERY_TIMEOUT_MS".into(), "30000".into());
+    })
+    .await;
+    register_publisher(&app, "diku", "ISO_LAG", "mod-pub-1.0.0").await;
+    subscribe_in(&app, "diku", "mod-lag-1.0.0", &[("ISO_LAG", "/lag")]).await;
+    for i in 0..5 {
+        publish_keyed(&app, "diku", "ISO_LAG", &format!("k-{i}"), "{}").await;
+    }
+    let line = format!(
+        r#"pubsub_consumer_lag{{group="{}.mod-pubsub.mod-lag"}}"#,
+        app.env["ENV"]
+    );
+    // Polls the metric until it reads `want`.
+    let lag_reaches = |want: f64, within: Duration| {
+        let (app, line) = (&app, &line);
+        async move {
+            let deadline = Instant::now() + within;
+            loop {
+                let text = crate::delivery::metrics(app).await;
+                let got = metric(&text, line);
+                if got == Some(want) {
+                    return;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{line} is {got:?}, not {want}, after {within:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    // While the callbacks run (16 s), the lag reading (every 10 s) sees all five.
+    lag_reaches(5.0, Duration::from_secs(15)).await;
+    fake.wait_for("/lag", 5, Duration::from_secs(30)).await;
+    lag_reaches(0.0, Duration::from_secs(25)).await;
+}
