@@ -7,7 +7,11 @@
 //! subscribed topic, and a fresh instance is started with delivery on. Printed per count:
 //!
 //! * start-up until delivering: from spawning the process until every one of those events
-//!   reached its callback (so every subscription of every module delivers);
+//!   reached its callback (so every subscription of every module delivers); partitions that
+//!   are new since the previous count have no committed offset yet;
+//! * the same after a restart (an upgrade, a rescheduled pod): the instance is stopped, one more
+//!   event is written to every subscribed topic, and a fresh instance started; every partition
+//!   has a commit now;
 //! * RSS (now and peak; and of the same instance with delivery off, which is what the
 //!   registrations and the service itself take), threads and TCP connections to the broker, 5 s after that;
 //! * CPU the idle instance uses over 10 s (what fetching many empty partitions costs).
@@ -121,10 +125,72 @@ fn broker_connections(pid: u32, port: u16) -> usize {
         .count()
 }
 
+/// Writes one event into every subscribed topic of the first `count` tenants; returns the
+/// (callback, event id) deliveries they must cause.
+async fn publish_everywhere(
+    setup: &Setup,
+    producer: &rdkafka::producer::FutureProducer,
+    body: &str,
+    modules: &[String],
+    count: usize,
+) -> HashSet<(String, String)> {
+    let mut expected = HashSet::new();
+    let mut acks = Vec::new();
+    for i in 0..count {
+        let t = tenant(i);
+        for event_type in TYPES {
+            let id = uuid::Uuid::new_v4().to_string();
+            let topic = format!("{}.Default.{t}.{event_type}", setup.env_prefix);
+            let value = envelope_in(&t, event_type, &id, body);
+            acks.push(
+                producer
+                    .send_result(FutureRecord::to(&topic).key(&id).payload(&value))
+                    .map_err(|_| "queue")
+                    .unwrap(),
+            );
+            for m in subscribers(modules, i) {
+                expected.insert((callback(m), id.clone()));
+            }
+        }
+    }
+    for a in acks {
+        a.await.unwrap().unwrap();
+    }
+    expected
+}
+
+/// Starts an instance with `env` and waits until every one of `expected` reached its callback;
+/// returns it and the time from spawning the process.
+async fn start_until_delivered(
+    setup: &Setup,
+    env: &[(&str, &str)],
+    sink: &Sink,
+    expected: &HashSet<(String, String)>,
+    count: usize,
+) -> (Service, Duration) {
+    let started = Instant::now();
+    let service = Service::start(setup, env).await;
+    let deadline = started + Duration::from_secs(600);
+    loop {
+        let got = sink.0.lock().unwrap().intersection(expected).count();
+        if got == expected.len() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{count} tenants: {got} of {} delivered",
+            expected.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (service, started.elapsed())
+}
+
 struct Row {
     tenants: usize,
     topics: usize,
     startup: Duration,
+    restart: Duration,
     rss: f64,
     peak: f64,
     rss_without_delivery: f64,
@@ -188,58 +254,19 @@ async fn main() {
             // Events published before a registration's created_date are not its subscriber's.
             tokio::time::sleep(Duration::from_millis(2500)).await;
         }
-        // One event in every subscribed topic.
-        let mut expected = HashSet::new();
-        let mut acks = Vec::new();
-        for i in 0..count {
-            let t = tenant(i);
-            for event_type in TYPES {
-                let id = uuid::Uuid::new_v4().to_string();
-                let topic = format!("{}.Default.{t}.{event_type}", setup.env_prefix);
-                let value = envelope_in(&t, event_type, &id, &body);
-                acks.push(
-                    producer
-                        .send_result(FutureRecord::to(&topic).key(&id).payload(&value))
-                        .map_err(|_| "queue")
-                        .unwrap(),
-                );
-                for m in subscribers(&modules, i) {
-                    expected.insert((callback(m), id.clone()));
-                }
-            }
-        }
-        for a in acks {
-            a.await.unwrap().unwrap();
-        }
+        let expected = publish_everywhere(&setup, &producer, &body, &modules, count).await;
         // The same instance with delivery off: what the registrations themselves cost.
         let idle = Service::start(&setup, &[("DELIVERY_ENABLED", "false")]).await;
         tokio::time::sleep(Duration::from_secs(3)).await;
         let rss_without_delivery = status_kib(idle.pid(), "VmRSS:") as f64 / 1024.0;
         drop(idle);
-        let started = Instant::now();
-        let service = Service::start(
-            &setup,
-            &[
-                ("DELIVERY_ENABLED", "true"),
-                ("OKAPI_URL", &okapi),
-                ("DELIVERY_FETCH_WAIT_MS", &fetch_wait),
-            ],
-        )
-        .await;
-        let deadline = started + Duration::from_secs(600);
-        loop {
-            let got = sink_state.0.lock().unwrap().intersection(&expected).count();
-            if got == expected.len() {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{count} tenants: {got} of {} delivered",
-                expected.len()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let startup = started.elapsed();
+        let delivering = [
+            ("DELIVERY_ENABLED", "true"),
+            ("OKAPI_URL", okapi.as_str()),
+            ("DELIVERY_FETCH_WAIT_MS", fetch_wait.as_str()),
+        ];
+        let (service, startup) =
+            start_until_delivered(&setup, &delivering, &sink_state, &expected, count).await;
         tokio::time::sleep(Duration::from_secs(5)).await;
         let pid = service.pid();
         let (rss, peak) = (
@@ -251,11 +278,17 @@ async fn main() {
         let cpu_before = process_cpu(pid);
         tokio::time::sleep(Duration::from_secs(10)).await;
         let idle_cpu = (process_cpu(pid) - cpu_before).as_secs_f64() / 10.0;
+        // A restart (what an upgrade or a rescheduled pod does): every partition has a commit.
+        drop(service);
+        let expected = publish_everywhere(&setup, &producer, &body, &modules, count).await;
+        let (service, restart) =
+            start_until_delivered(&setup, &delivering, &sink_state, &expected, count).await;
         drop(service);
         let row = Row {
             tenants: count,
             topics: count * TYPES.len(),
             startup,
+            restart,
             rss,
             peak,
             rss_without_delivery,
@@ -264,8 +297,9 @@ async fn main() {
             idle_cpu,
         };
         eprintln!(
-            "{count} tenants: delivering after {:.1} s, RSS {rss:.1} MiB (peak {peak:.1}; {rss_without_delivery:.1} with delivery off), {threads} threads, {connections} broker connections, idle CPU {:.0} %",
+            "{count} tenants: delivering after {:.1} s (after a restart {:.1} s), RSS {rss:.1} MiB (peak {peak:.1}; {rss_without_delivery:.1} with delivery off), {threads} threads, {connections} broker connections, idle CPU {:.0} %",
             startup.as_secs_f64(),
+            restart.as_secs_f64(),
             idle_cpu * 100.0
         );
         rows.push(row);
@@ -274,14 +308,15 @@ async fn main() {
         "footprint: {} subscriber module(s); {MODULE} subscribes to 8 event types in every tenant",
         modules.len()
     );
-    println!("| tenants | topics subscribed | start-up until every subscription delivered | RSS MiB (peak) | RSS with delivery off | threads | broker connections | idle CPU (one core = 100 %) |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| tenants | topics subscribed | start-up until every subscription delivered | the same after a restart | RSS MiB (peak) | RSS with delivery off | threads | broker connections | idle CPU (one core = 100 %) |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         println!(
-            "| {} | {} | {:.1} s | {:.1} ({:.1}) | {:.1} | {} | {} | {:.0} % |",
+            "| {} | {} | {:.1} s | {:.1} s | {:.1} ({:.1}) | {:.1} | {} | {} | {:.0} % |",
             r.tenants,
             r.topics,
             r.startup.as_secs_f64(),
+            r.restart.as_secs_f64(),
             r.rss,
             r.peak,
             r.rss_without_delivery,

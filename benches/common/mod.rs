@@ -74,8 +74,15 @@ impl Setup {
         }
         let names: Vec<&str> = ours.iter().map(String::as_str).collect();
         match admin.delete_topics(&names, &AdminOptions::new()).await {
-            Ok(results) => eprintln!("bench topics deleted: {results:?}"),
-            Err(e) => eprintln!("could not delete the bench topics {names:?}: {e}"),
+            Ok(results) => eprintln!(
+                "bench topics deleted: {} of {}",
+                results.iter().filter(|r| r.is_ok()).count(),
+                names.len()
+            ),
+            Err(e) => eprintln!(
+                "could not delete the {} bench topics {prefix}*: {e}",
+                names.len()
+            ),
         }
     }
 
