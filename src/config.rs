@@ -115,7 +115,8 @@ pub struct AuditConfig {
     /// Store event payloads in `audit_message_payload` (`EVENT_PAYLOAD_AUDIT_ENABLED`, or the
     /// Java module's `event.payload.audit.enabled`; default false).
     pub payload_enabled: bool,
-    /// Audit rows older than this are purged (`AUDIT_RETENTION_DAYS`, default 90; 0 keeps all).
+    /// Audit rows older than this are purged (`AUDIT_RETENTION_DAYS`; the default 0 keeps all, as
+    /// the Java module does).
     pub retention_days: u32,
     /// How often the purge runs (`AUDIT_PURGE_INTERVAL_MINUTES`, default 60).
     pub purge_interval: Duration,
@@ -330,7 +331,7 @@ impl Config {
         };
         let audit = AuditConfig {
             payload_enabled,
-            retention_days: r.number("AUDIT_RETENTION_DAYS", 90u32, 0, 36_500)?,
+            retention_days: r.number("AUDIT_RETENTION_DAYS", 0u32, 0, 36_500)?,
             purge_interval: Duration::from_secs(
                 60 * r.number("AUDIT_PURGE_INTERVAL_MINUTES", 60u64, 1, 10_080)?,
             ),
@@ -442,6 +443,10 @@ mod tests {
             "eventTTL ignored, as the Java module"
         );
         assert_eq!(c.delivery.session_timeout, Duration::from_secs(45));
+        assert_eq!(
+            c.audit.retention_days, 0,
+            "audit rows are kept, as the Java module keeps them, unless a retention is set"
+        );
     }
 
     #[test]
