@@ -53,6 +53,8 @@ pub struct Metrics {
     pub oldest_unfinished: Family<ModuleLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// When the last attempt failed (Unix seconds; 0 when none has).
     pub last_failure: Family<ModuleLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// Registered topics the broker does not have yet (set when the metrics are read).
+    pub topics_missing: Gauge,
 }
 
 impl Default for Metrics {
@@ -72,6 +74,7 @@ impl Default for Metrics {
                 ])
             }),
             consumer_lag: Family::default(),
+            topics_missing: Gauge::default(),
             in_flight: Family::default(),
             retrying: Family::default(),
             assigned_partitions: Family::default(),
@@ -121,6 +124,11 @@ impl Default for Metrics {
                 "consumer_lag",
                 "Records not yet handled per delivery consumer group",
                 m.consumer_lag.clone(),
+            );
+            r.register(
+                "kafka_topics_missing",
+                "Registered topics the broker does not have yet (the reconciler creates them)",
+                m.topics_missing.clone(),
             );
             r.register(
                 "delivery_in_flight",

@@ -44,6 +44,21 @@ async fn health(State(state): State<AppState>) -> impl IntoResponse {
                     "\nsystem user login failing for tenant {tenant}: {reason}"
                 ));
             }
+            // Registered topics the broker does not have yet (publishing to them answers 503).
+            let missing = state.kafka.missing_topics();
+            if !missing.is_empty() {
+                let shown: Vec<&str> = missing.iter().take(5).map(|t| t.as_str()).collect();
+                body.push_str(&format!(
+                    "\n{} registered topics not created yet (the reconciler retries): {}{}",
+                    missing.len(),
+                    shown.join(", "),
+                    if missing.len() > shown.len() {
+                        ", ..."
+                    } else {
+                        ""
+                    }
+                ));
+            }
             // Subscribers in trouble: records retrying, partitions paused, a recent failure.
             // A subscriber's trouble is not this service's, so the status stays 200.
             for report in state.engine.reports() {
@@ -63,6 +78,10 @@ async fn health(State(state): State<AppState>) -> impl IntoResponse {
 #[utoipa::path(get, path = "/admin/metrics", tag = "admin",
     responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")))]
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    state
+        .metrics
+        .topics_missing
+        .set(state.kafka.missing_topics().len() as i64);
     (
         [(
             header::CONTENT_TYPE,

@@ -221,6 +221,9 @@ pub struct Kafka {
     pub producer: producer::EventProducer,
     /// Asks the reconciler for a pass now (a publish failed: the broker may have lost topics).
     pub reconcile_now: tokio::sync::Notify,
+    /// Registered topics the broker does not have yet, as far as this instance knows (a
+    /// declaration whose topics could not be created, or the reconciler's last pass).
+    missing: std::sync::Mutex<std::collections::BTreeSet<TopicName>>,
 }
 
 #[cfg(feature = "server")]
@@ -232,7 +235,27 @@ impl Kafka {
             admin: admin::TopicAdmin::new(&config.kafka)?,
             producer: producer::EventProducer::new(&config.kafka, config.max_request_size)?,
             reconcile_now: tokio::sync::Notify::new(),
+            missing: std::sync::Mutex::default(),
         })
+    }
+
+    /// Registered topics not created yet (for `/admin/health` and the metrics).
+    pub fn missing_topics(&self) -> Vec<TopicName> {
+        let missing = self.missing.lock().unwrap_or_else(|e| e.into_inner());
+        missing.iter().cloned().collect()
+    }
+
+    /// Topics a declaration needs that could not be created now: the reconciler retries them.
+    pub fn topics_still_missing(&self, topics: impl IntoIterator<Item = TopicName>) {
+        self.missing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(topics);
+        self.reconcile_now.notify_one();
+    }
+
+    fn set_missing(&self, topics: std::collections::BTreeSet<TopicName>) {
+        *self.missing.lock().unwrap_or_else(|e| e.into_inner()) = topics;
     }
 
     /// The topics of `event_types` in `tenant`.
@@ -318,8 +341,13 @@ pub async fn reconcile_once(kafka: &Kafka, pool: &sqlx::PgPool) -> anyhow::Resul
         .collect();
     if !missing.is_empty() {
         tracing::info!(missing = missing.len(), "creating missing topics");
-        kafka.admin.ensure(&missing).await?;
+        let created = kafka.admin.ensure(&missing).await;
+        if created.is_err() {
+            kafka.set_missing(missing);
+        }
+        created?;
     }
+    kafka.set_missing(Default::default());
     // The broker answers: a producer that failed through an outage gets a fresh start.
     kafka.producer.heal();
     Ok(wanted.len())

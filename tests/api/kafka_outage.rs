@@ -1,5 +1,6 @@
 //! The broker goes away and comes back: publishes answer 503 within the configured time and are
-//! audited as REJECTED, declarations store nothing, and everything works again without a restart.
+//! audited as REJECTED, declarations are stored and their topics created once the broker is back,
+//! and everything works again without a restart.
 
 use std::time::{Duration, Instant};
 
@@ -66,7 +67,8 @@ async fn broker_down_then_back() {
     let states: Vec<&str> = rows.iter().map(|r| r["state"].as_str().unwrap()).collect();
     assert_eq!(states, ["CREATED", "REJECTED"], "no PUBLISHED row");
 
-    // A declaration that needs a topic: 503 and nothing stored.
+    // Declarations while the broker is down (a module's tenant init): stored and 201, as the
+    // Java module answered; the topics are created once the broker is back.
     let d = descriptor("OUTAGE_2", "x", 1);
     assert_eq!(
         app.post_json("diku", "/pubsub/event-types", &d)
@@ -81,7 +83,7 @@ async fn broker_down_then_back() {
             &publisher("m2-1.0.0", [d.clone()]),
         )
         .await;
-    assert_eq!(r.status(), 503);
+    assert_eq!(r.status(), 201, "{}", text(r).await);
     let r = app
         .post_json(
             "diku",
@@ -89,15 +91,29 @@ async fn broker_down_then_back() {
             &subscriber("s-1.0.0", &[("OUTAGE_2", "/cb")]),
         )
         .await;
-    assert_eq!(r.status(), 503);
+    assert_eq!(r.status(), 201, "{}", text(r).await);
     assert_eq!(
         total(&app, "diku", "/pubsub/event-types/OUTAGE_2/publishers").await,
-        0
+        1
     );
     assert_eq!(
         total(&app, "diku", "/pubsub/event-types/OUTAGE_2/subscribers").await,
-        0
+        1
     );
+    // Health and metrics name what is missing.
+    let outage_2 = app.topic("diku", "OUTAGE_2");
+    let health = text(
+        app.req(reqwest::Method::GET, "/admin/health")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert!(
+        health.contains("not created yet") && health.contains(&outage_2),
+        "{health}"
+    );
+    assert!(missing_topics(&app).await >= 1.0);
 
     // The broker comes back empty (memory storage): publishing works again, the topic is recreated.
     broker.restart();
@@ -128,6 +144,32 @@ async fn broker_down_then_back() {
             .unwrap()
             .is_some()
     );
+    // The topic declared during the outage is created by the reconciler, and nothing is
+    // reported missing any more.
+    let created = Instant::now();
+    loop {
+        let (bootstrap, topic) = (broker.bootstrap(), outage_2.clone());
+        let exists = tokio::task::spawn_blocking(move || partitions(&bootstrap, &topic))
+            .await
+            .unwrap()
+            .is_some();
+        if exists && missing_topics(&app).await == 0.0 {
+            break;
+        }
+        assert!(
+            created.elapsed() < Duration::from_secs(60),
+            "{outage_2} not created after the outage"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let health = text(
+        app.req(reqwest::Method::GET, "/admin/health")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert!(!health.contains("not created yet"), "{health}");
     let r = app
         .post_json(
             "diku",
@@ -136,6 +178,15 @@ async fn broker_down_then_back() {
         )
         .await;
     assert_eq!(r.status(), 201);
+}
+
+/// `pubsub_kafka_topics_missing`: registered topics the broker does not have yet.
+async fn missing_topics(app: &TestApp) -> f64 {
+    let text = crate::delivery::metrics(app).await;
+    text.lines()
+        .find_map(|l| l.strip_prefix("pubsub_kafka_topics_missing "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no pubsub_kafka_topics_missing in\n{text}"))
 }
 
 #[tokio::test]
