@@ -26,6 +26,8 @@ pub mod config;
 pub mod db;
 #[cfg(feature = "server")]
 pub mod delivery;
+#[cfg(feature = "server")]
+pub mod descriptors;
 pub mod domain;
 #[cfg(feature = "server")]
 pub mod error;

@@ -39,8 +39,34 @@ enum Command {
     },
     /// Print the OpenAPI document (as committed in api/openapi.json).
     Openapi,
+    /// Write ModuleDescriptor.json and DeploymentDescriptor.json for Okapi or Eureka, with this
+    /// build's module id (mod-pubsub-<version>) and image.
+    Descriptors {
+        /// Directory to write them to (created if missing).
+        #[arg(long, default_value = "target/descriptors")]
+        out: std::path::PathBuf,
+        /// The image the ModuleDescriptor's launchDescriptor runs (default folioorg/mod-pubsub:<version>).
+        #[arg(long)]
+        image: Option<String>,
+    },
     #[command(flatten)]
     Client(Box<cli::ClientCommand>),
+}
+
+/// Renders both descriptors into `out` and names the files written.
+fn write_descriptors(out: &std::path::Path, image: &str) -> std::io::Result<()> {
+    let d = mod_pubsub::descriptors::render(image);
+    std::fs::create_dir_all(out)?;
+    for (name, doc) in [
+        ("ModuleDescriptor.json", &d.module),
+        ("DeploymentDescriptor.json", &d.deployment),
+    ] {
+        let path = out.join(name);
+        let text = serde_json::to_string_pretty(doc).map_err(std::io::Error::other)?;
+        std::fs::write(&path, text + "\n")?;
+        println!("{}", path.display());
+    }
+    Ok(())
 }
 
 fn init_tracing() {
@@ -64,6 +90,21 @@ fn main() -> ExitCode {
                 .expect("OpenAPI serialises")
         );
         return ExitCode::SUCCESS;
+    }
+    if let Command::Descriptors { out, image } = &cli.command {
+        let image = image
+            .clone()
+            .unwrap_or_else(mod_pubsub::descriptors::default_image);
+        return match write_descriptors(out, &image) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!(
+                    "mod-pubsub: cannot write the descriptors to {}: {e}",
+                    out.display()
+                );
+                ExitCode::FAILURE
+            }
+        };
     }
     if let Command::Client(command) = cli.command {
         let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
@@ -93,7 +134,9 @@ fn main() -> ExitCode {
                 serve(config).await
             }
             Command::Migrate { tenants } => migrate(config, tenants).await,
-            Command::Openapi | Command::Client(_) => unreachable!(),
+            Command::Openapi | Command::Descriptors { .. } | Command::Client(_) => {
+                unreachable!()
+            }
         }
     });
     match result {

@@ -35,12 +35,8 @@ fn routes() -> BTreeSet<(String, String)> {
     out
 }
 
-#[test]
-fn module_descriptor_handlers_and_routes_match() {
-    let md: Value = serde_json::from_str(
-        &std::fs::read_to_string(repo("descriptors/ModuleDescriptor-template.json")).unwrap(),
-    )
-    .unwrap();
+/// Every handler of `md` has a route, and every `/pubsub` and `/_/` route a handler.
+fn assert_handlers_routed(md: &Value) {
     let mut handlers = BTreeSet::new();
     for iface in md["provides"].as_array().unwrap() {
         for h in iface["handlers"].as_array().unwrap() {
@@ -69,6 +65,15 @@ fn module_descriptor_handlers_and_routes_match() {
             );
         }
     }
+}
+
+#[test]
+fn module_descriptor_handlers_and_routes_match() {
+    let md: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo("descriptors/ModuleDescriptor-template.json")).unwrap(),
+    )
+    .unwrap();
+    assert_handlers_routed(&md);
     // The system user's permissions are the ones the service grants it.
     let md_user: Vec<&str> = md["metadata"]["user"]["permissions"]
         .as_array()
@@ -116,4 +121,64 @@ async fn openapi_and_swagger_ui_are_served() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert!(text(r).await.contains("swagger"));
+}
+
+/// `mod-pubsub descriptors` writes what Okapi and Eureka register: this build's id and version,
+/// every handler routed, the image and the environment of its launch descriptor.
+#[tokio::test]
+async fn rendered_descriptors_name_this_build() {
+    let out = std::env::temp_dir().join(format!("pubsub-descriptors-{}", uuid::Uuid::new_v4()));
+    let status = tokio::process::Command::new(env!("CARGO_BIN_EXE_mod-pubsub"))
+        .args(["descriptors", "--out", out.to_str().unwrap()])
+        .args(["--image", "registry.example/mod-pubsub:test"])
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+    let read = |name: &str| -> (String, Value) {
+        let text = std::fs::read_to_string(out.join(name)).unwrap();
+        let doc = serde_json::from_str(&text).unwrap();
+        (text, doc)
+    };
+    let (md_text, md) = read("ModuleDescriptor.json");
+    let (dd_text, dd) = read("DeploymentDescriptor.json");
+    for text in [&md_text, &dd_text] {
+        assert!(!text.contains("${"), "a placeholder is left:\n{text}");
+    }
+    let id = format!("mod-pubsub-{}", env!("CARGO_PKG_VERSION"));
+    assert_eq!(md["id"], id.as_str());
+    assert_eq!(dd["srvcId"], id.as_str());
+    // Above the Java module's last release (2.17.0), so Okapi sees an upgrade, not a downgrade.
+    let major: u32 = env!("CARGO_PKG_VERSION")
+        .split('.')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(major >= 3, "version {}", env!("CARGO_PKG_VERSION"));
+    assert_handlers_routed(&md);
+    let launch = &md["launchDescriptor"];
+    assert_eq!(launch["dockerImage"], "registry.example/mod-pubsub:test");
+    for d in [&launch["env"], &dd["descriptor"]["env"]] {
+        let names: BTreeSet<&str> = d
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["name"].as_str().unwrap())
+            .collect();
+        for required in [
+            "DB_HOST",
+            "DB_DATABASE",
+            "KAFKA_HOST",
+            "KAFKA_PORT",
+            "OKAPI_URL",
+            "ENV",
+        ] {
+            assert!(
+                names.contains(required),
+                "{required} missing from {names:?}"
+            );
+        }
+    }
+    std::fs::remove_dir_all(&out).unwrap();
 }
