@@ -91,6 +91,8 @@ pub struct DeliveryConfig {
 }
 
 /// `1s,5s,30s,2m,10m` (units ms, s, m, h).
+const DEFAULT_RETRY_SCHEDULE: &str = "1s,5s,30s,2m,10m";
+
 fn parse_schedule(raw: &str) -> Option<Vec<Duration>> {
     raw.split(',')
         .map(str::trim)
@@ -337,13 +339,27 @@ impl Config {
             ),
         };
 
-        let schedule_raw = r.string("DELIVERY_RETRY_SCHEDULE", "1s,5s,30s,2m,10m");
-        let retry_schedule = parse_schedule(&schedule_raw).filter(|s| s.len() <= 100).ok_or_else(|| {
+        let schedule_raw = r.string("DELIVERY_RETRY_SCHEDULE", DEFAULT_RETRY_SCHEDULE);
+        let mut retry_schedule = parse_schedule(&schedule_raw).filter(|s| s.len() <= 100).ok_or_else(|| {
             err(
                 "DELIVERY_RETRY_SCHEDULE",
                 format!("must be a comma-separated list of waits such as 1s,5s,30s,2m,10m (units ms, s, m, h), got \"{schedule_raw}\""),
             )
         })?;
+        // The Java module's setting (retries after the first attempt, made at once there): the
+        // number of waits of the default schedule, its last wait repeated beyond five.
+        if r.get("DELIVERY_RETRY_SCHEDULE").is_none() {
+            if let Some(n) = r
+                .get("pubsub.delivery.retry.number")
+                .map(|_| r.number("pubsub.delivery.retry.number", 5usize, 0, 100))
+                .transpose()?
+            {
+                let last = *retry_schedule
+                    .last()
+                    .expect("the default schedule has waits");
+                retry_schedule.resize(n, last);
+            }
+        }
         let delivery = DeliveryConfig {
             enabled: r.bool("DELIVERY_ENABLED", true)?,
             retry_schedule,
@@ -498,6 +514,44 @@ mod tests {
         )]))
         .unwrap();
         assert!(!c.system_user.create);
+    }
+
+    #[test]
+    fn the_java_modules_retry_number_sets_the_schedules_length() {
+        let schedule = |pairs: &[(&str, &str)]| cfg(pairs).map(|c| c.delivery.retry_schedule);
+        let secs = |s: &[u64]| {
+            s.iter()
+                .map(|&n| Duration::from_secs(n))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            schedule(&[("pubsub.delivery.retry.number", "2")]).unwrap(),
+            secs(&[1, 5])
+        );
+        assert_eq!(
+            schedule(&[("pubsub.delivery.retry.number", "0")]).unwrap(),
+            secs(&[]),
+            "one attempt, no retries"
+        );
+        assert_eq!(
+            schedule(&[("pubsub.delivery.retry.number", "7")]).unwrap(),
+            secs(&[1, 5, 30, 120, 600, 600, 600])
+        );
+        assert_eq!(
+            schedule(&[
+                ("pubsub.delivery.retry.number", "2"),
+                ("DELIVERY_RETRY_SCHEDULE", "3s")
+            ])
+            .unwrap(),
+            secs(&[3]),
+            "the explicit schedule wins"
+        );
+        assert_eq!(
+            schedule(&[("pubsub.delivery.retry.number", "many")])
+                .unwrap_err()
+                .var,
+            "pubsub.delivery.retry.number"
+        );
     }
 
     #[test]

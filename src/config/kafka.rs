@@ -163,47 +163,62 @@ fn security_properties(
 ) -> Result<BTreeMap<String, String>, ConfigError> {
     let mut props = BTreeMap::new();
 
-    // The Java module's names.
-    if let Some(v) = r.get("security.protocol") {
+    // The Java module's names, each with its Spring spelling as the fallback (as the Java module
+    // reads them).
+    let java = |name: &str, spring: &str| r.get(name).or_else(|| r.get(spring));
+    if let Some(v) = java("security.protocol", "spring.kafka.security.protocol") {
         props.insert("security.protocol".to_owned(), v);
     }
-    if let Some(location) = r.get("ssl.truststore.location") {
-        let kind = r
-            .get("ssl.truststore.type")
-            .unwrap_or_else(|| guess_store_type(&location))
+    if let Some(location) = java(
+        "ssl.truststore.location",
+        "spring.kafka.ssl.trust-store-location",
+    ) {
+        let kind = java("ssl.truststore.type", "spring.kafka.ssl.trust-store-type")
+            .unwrap_or_else(|| guess_store_type(&location, "PEM"))
             .to_ascii_uppercase();
         match kind.as_str() {
             "PEM" => {
                 props.insert("ssl.ca.location".into(), location);
             }
             other => {
+                let pem = with_extension(&location, "pem");
                 return Err(err(
                     "ssl.truststore.location",
-                    format!("{other} truststores are not supported by librdkafka: convert it to PEM and set ssl.truststore.type=PEM (or KAFKA_SSL_CA_LOCATION)"),
-                ))
+                    format!("{other} truststores are not supported by librdkafka: convert it to PEM with `keytool -list -rfc -keystore {location} -storepass '<truststore password>' > {pem}`, then set ssl.truststore.location={pem} and ssl.truststore.type=PEM (or KAFKA_SSL_CA_LOCATION={pem})"),
+                ));
             }
         }
     }
-    if let Some(location) = r.get("ssl.keystore.location") {
-        let kind = r
-            .get("ssl.keystore.type")
-            .unwrap_or_else(|| guess_store_type(&location))
+    if let Some(location) = java(
+        "ssl.keystore.location",
+        "spring.kafka.ssl.key-store-location",
+    ) {
+        // JKS is the Java default when no type is given.
+        let kind = java("ssl.keystore.type", "spring.kafka.ssl.key-store-type")
+            .unwrap_or_else(|| guess_store_type(&location, "JKS"))
             .to_ascii_uppercase();
         if kind != "PKCS12" {
+            let p12 = with_extension(&location, "p12");
             return Err(err(
                 "ssl.keystore.location",
-                format!("{kind} keystores are not supported by librdkafka: use a PKCS#12 keystore (ssl.keystore.type=PKCS12), or KAFKA_SSL_CERTIFICATE_LOCATION and KAFKA_SSL_KEY_LOCATION for PEM files"),
+                format!("{kind} keystores are not supported by librdkafka: convert it to PKCS#12 with `keytool -importkeystore -srckeystore {location} -srcstoretype {kind} -destkeystore {p12} -deststoretype PKCS12` (it asks for the passwords), then set ssl.keystore.location={p12} and ssl.keystore.type=PKCS12; or use KAFKA_SSL_CERTIFICATE_LOCATION and KAFKA_SSL_KEY_LOCATION for PEM files"),
             ));
         }
         props.insert("ssl.keystore.location".into(), location);
-        if let Some(p) = r.get("ssl.keystore.password") {
+        if let Some(p) = java(
+            "ssl.keystore.password",
+            "spring.kafka.ssl.key-store-password",
+        ) {
             props.insert("ssl.keystore.password".into(), p);
         }
     }
-    if let Some(p) = r.get("ssl.key.password") {
+    if let Some(p) = java("ssl.key.password", "spring.kafka.ssl.key-password") {
         props.insert("ssl.key.password".into(), p);
     }
-    if let Some(v) = vars.get("ssl.endpoint.identification.algorithm") {
+    let algorithm = vars
+        .get("ssl.endpoint.identification.algorithm")
+        .or_else(|| vars.get("spring.kafka.properties.ssl.endpoint.identification.algorithm"));
+    if let Some(v) = algorithm {
         // Java uses "" to switch host name verification off.
         let v = v.trim();
         props.insert(
@@ -256,15 +271,26 @@ fn security_properties(
     Ok(props)
 }
 
-fn guess_store_type(location: &str) -> String {
+/// A store's type from its file name, else `default`.
+fn guess_store_type(location: &str, default: &str) -> String {
     let lower = location.to_ascii_lowercase();
     if lower.ends_with(".p12") || lower.ends_with(".pfx") {
         "PKCS12".into()
     } else if lower.ends_with(".jks") {
         "JKS".into()
-    } else {
+    } else if [".pem", ".crt", ".cer"].iter().any(|e| lower.ends_with(e)) {
         "PEM".into()
+    } else {
+        default.into()
     }
+}
+
+/// `location` with its extension replaced by `ext` (or `ext` added).
+fn with_extension(location: &str, ext: &str) -> String {
+    std::path::Path::new(location)
+        .with_extension(ext)
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// `username="x"` out of a JAAS line such as
@@ -285,6 +311,62 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         read(&Reader { vars: &vars }, &vars)
+    }
+
+    #[test]
+    fn spring_kafka_names_are_the_fallback_of_the_java_names() {
+        let props = |pairs: &[(&str, &str)]| kafka(pairs).map(|k| k.client_properties);
+        let p = props(&[
+            ("spring.kafka.security.protocol", "SSL"),
+            ("spring.kafka.ssl.trust-store-location", "/certs/ca.pem"),
+            ("spring.kafka.ssl.trust-store-type", "PEM"),
+            ("spring.kafka.ssl.key-store-location", "/certs/client.p12"),
+            ("spring.kafka.ssl.key-store-password", "ks"),
+            ("spring.kafka.ssl.key-password", "k"),
+            (
+                "spring.kafka.properties.ssl.endpoint.identification.algorithm",
+                "",
+            ),
+        ])
+        .unwrap();
+        assert_eq!(p["security.protocol"], "SSL");
+        assert_eq!(p["ssl.ca.location"], "/certs/ca.pem");
+        assert_eq!(p["ssl.keystore.location"], "/certs/client.p12");
+        assert_eq!(p["ssl.keystore.password"], "ks");
+        assert_eq!(p["ssl.key.password"], "k");
+        assert_eq!(p["ssl.endpoint.identification.algorithm"], "none");
+        // The Java module's own names win over the Spring ones.
+        let p = props(&[
+            ("security.protocol", "SASL_SSL"),
+            ("spring.kafka.security.protocol", "SSL"),
+        ])
+        .unwrap();
+        assert_eq!(p["security.protocol"], "SASL_SSL");
+    }
+
+    #[test]
+    fn jks_stores_stop_the_start_with_the_keytool_command() {
+        let e = kafka(&[
+            ("ssl.truststore.location", "/certs/trust.jks"),
+            ("ssl.truststore.password", "tp"),
+        ])
+        .unwrap_err();
+        assert_eq!(e.var, "ssl.truststore.location");
+        assert!(
+            e.problem.contains(
+                "keytool -list -rfc -keystore /certs/trust.jks -storepass '<truststore password>' > /certs/trust.pem"
+            ),
+            "{e}"
+        );
+        assert!(!e.problem.contains("tp"), "no password in the message: {e}");
+        // JKS is the Java default when no type is given.
+        let e =
+            kafka(&[("spring.kafka.ssl.key-store-location", "/certs/client.store")]).unwrap_err();
+        assert_eq!(e.var, "ssl.keystore.location");
+        assert!(
+            e.problem.contains("keytool -importkeystore -srckeystore /certs/client.store -srcstoretype JKS -destkeystore /certs/client.p12 -deststoretype PKCS12"),
+            "{e}"
+        );
     }
 
     #[test]
