@@ -104,7 +104,86 @@ fn routes() -> OpenApiRouter<AppState> {
 
 /// The OpenAPI document, generated from the routes (committed as `api/openapi.json`).
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    routes().split_for_parts().1
+    let mut api = routes().split_for_parts().1;
+    common_answers(&mut api);
+    api
+}
+
+/// What every operation of the contract can answer besides its own statuses, added in one place
+/// rather than on each handler: 400 (text/plain) for a missing or invalid `X-Okapi-Tenant` or
+/// query parameter, 503 (text/plain) when PostgreSQL or Kafka does not answer, and for
+/// operations with a body 400 for a malformed one, 413 above `MAX_REQUEST_SIZE` and 422 in
+/// FOLIO's `errors` format naming the field. `X-Okapi-Tenant` is marked required.
+fn common_answers(api: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::path::ParameterIn;
+    use utoipa::openapi::{
+        schema::Type, Content, ObjectBuilder, Ref, RefOr, Required, Response, ResponseBuilder,
+    };
+    let text = |description: &str| -> RefOr<Response> {
+        ResponseBuilder::new()
+            .description(description)
+            .content(
+                "text/plain",
+                Content::new(Some(ObjectBuilder::new().schema_type(Type::String))),
+            )
+            .build()
+            .into()
+    };
+    let errors = Content::new(Some(Ref::from_schema_name("Errors")));
+    for (path, item) in api.paths.paths.iter_mut() {
+        if !(path.starts_with("/pubsub") || path.starts_with("/_/")) {
+            continue;
+        }
+        for op in [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            for p in op.parameters.iter_mut().flatten() {
+                if p.parameter_in == ParameterIn::Header && p.name == "X-Okapi-Tenant" {
+                    p.required = Required::True;
+                }
+            }
+            let has_body = op.request_body.is_some();
+            let answers = &mut op.responses.responses;
+            match answers.get_mut("400") {
+                None => {
+                    answers.insert(
+                        "400".into(),
+                        text("Bad request: a missing or invalid tenant, parameter or body"),
+                    );
+                }
+                // A 400 that documents JSON (the publisher declaration's errors) is also sent as
+                // text for a malformed request.
+                Some(RefOr::T(r)) if !r.content.contains_key("text/plain") => {
+                    r.content.insert(
+                        "text/plain".into(),
+                        Content::new(Some(ObjectBuilder::new().schema_type(Type::String))),
+                    );
+                }
+                Some(_) => {}
+            }
+            answers
+                .entry("503".into())
+                .or_insert_with(|| text("PostgreSQL or Kafka did not answer in time"));
+            if has_body {
+                answers
+                    .entry("413".into())
+                    .or_insert_with(|| text("The body is larger than MAX_REQUEST_SIZE"));
+                answers.entry("422".into()).or_insert_with(|| {
+                    ResponseBuilder::new()
+                        .description("A field of the body is invalid (named in the errors)")
+                        .content("application/json", errors.clone())
+                        .build()
+                        .into()
+                });
+            }
+        }
+    }
 }
 
 pub const OPENAPI_PATH: &str = "/admin/openapi.json";
@@ -112,7 +191,8 @@ pub const SWAGGER_UI_PATH: &str = "/admin/swagger-ui";
 
 /// The whole application router.
 pub fn app(state: AppState) -> Router {
-    let (router, api) = routes().split_for_parts();
+    let (router, mut api) = routes().split_for_parts();
+    common_answers(&mut api);
     let body_limit = state.config.max_request_size;
     router
         .merge(SwaggerUi::new(SWAGGER_UI_PATH).url(OPENAPI_PATH, api))

@@ -182,3 +182,34 @@ async fn rendered_descriptors_name_this_build() {
     }
     std::fs::remove_dir_all(&out).unwrap();
 }
+
+/// Every operation of the contract documents what any of them can answer: 400 as text (bad
+/// tenant, parameter or body), 503 (PostgreSQL or Kafka away), and with a body 413 and 422; and
+/// it declares `X-Okapi-Tenant` required where it takes it.
+#[test]
+fn every_operation_documents_the_common_answers() {
+    let doc: Value = serde_json::to_value(mod_pubsub::http::openapi()).unwrap();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        if !(path.starts_with("/pubsub") || path.starts_with("/_/")) {
+            continue;
+        }
+        for (method, op) in item.as_object().unwrap() {
+            let answers = &op["responses"];
+            let what = format!("{} {path}", method.to_uppercase());
+            assert!(
+                answers["400"]["content"]["text/plain"].is_object(),
+                "{what}: 400 text/plain"
+            );
+            assert!(answers["503"].is_object(), "{what}: 503");
+            if op.get("requestBody").is_some() {
+                assert!(answers["413"].is_object(), "{what}: 413");
+                assert!(answers["422"].is_object(), "{what}: 422");
+            }
+            for p in op["parameters"].as_array().into_iter().flatten() {
+                if p["name"] == "X-Okapi-Tenant" {
+                    assert_eq!(p["required"], true, "{what}: X-Okapi-Tenant required");
+                }
+            }
+        }
+    }
+}
