@@ -26,6 +26,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[into_params(parameter_in = Query)]
 pub struct DeadLetterQuery {
     /// Only this subscriber module (any version when given without one).
+    #[param(pattern = "^[A-Za-z0-9][A-Za-z0-9._+-]{0,254}$")]
     pub subscriber: Option<String>,
 }
 
@@ -81,9 +82,11 @@ async fn list_dead_letters(
 pub struct RedeliverRequest {
     /// Only dead letters of this subscriber module.
     #[serde(default)]
+    #[schema(pattern = "^[A-Za-z0-9][A-Za-z0-9._+-]{0,254}$")]
     pub subscriber: Option<String>,
     /// Only these events.
     #[serde(default)]
+    #[schema(value_type = Option<Vec<uuid::Uuid>>)]
     pub event_ids: Option<Vec<String>>,
 }
 
@@ -170,6 +173,7 @@ async fn redeliver(
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ReplayRequest {
     /// Replay events published at or after this instant (ISO-8601 with an offset).
+    #[schema(format = DateTime)]
     pub from_date: String,
 }
 

@@ -42,10 +42,12 @@ pub struct EventDescriptor {
     #[schema(minimum = 0, maximum = 2147483647)]
     pub event_ttl: i64,
     #[serde(default, deserialize_with = "lenient::bool_or_null")]
+    #[schema(value_type = Option<bool>)]
     pub signed: bool,
     /// A temporary descriptor, created by a subscriber declaration, that the first real
     /// registration overwrites.
     #[serde(default, deserialize_with = "lenient::bool_or_null")]
+    #[schema(value_type = Option<bool>)]
     pub tmp: bool,
 }
 

@@ -30,18 +30,21 @@ pub const MAX_LIMIT: i64 = 10_000;
 #[into_params(parameter_in = Query)]
 pub struct HistoryQuery {
     /// `yyyy-MM-dd`, `yyyy-MM-ddTHH:mm:ss` (UTC), or with an offset (`Z`, `+00:00`, `+0000`),
-    /// optionally with fractions of a second.
-    #[param(required = true)]
+    /// optionally with fractions of a second (documented as a date-time, the widest form).
+    #[param(required = true, format = DateTime)]
     pub start_date: Option<String>,
     /// As `startDate`; a date alone means the whole day (inclusive).
-    #[param(required = true)]
+    #[param(required = true, format = DateTime)]
     pub end_date: Option<String>,
+    #[param(format = Uuid)]
     pub event_id: Option<String>,
     pub event_type: Option<String>,
     pub correlation_id: Option<String>,
     /// Rows to skip (default 0).
+    #[param(value_type = Option<i64>, minimum = 0, maximum = 2147483647)]
     pub offset: Option<String>,
     /// Rows to return (default 1000, at most 10000).
+    #[param(value_type = Option<i64>, minimum = 0, maximum = 10000)]
     pub limit: Option<String>,
 }
 

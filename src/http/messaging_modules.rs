@@ -22,10 +22,10 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[serde(rename_all = "camelCase")]
 #[into_params(parameter_in = Query)]
 pub struct MessagingModuleQuery {
-    #[param(required = true)]
+    #[param(required = true, pattern = "^[A-Za-z0-9][A-Za-z0-9._+-]{0,254}$")]
     pub module_id: Option<String>,
     /// `PUBLISHER` or `SUBSCRIBER`.
-    #[param(required = true)]
+    #[param(required = true, pattern = "^(PUBLISHER|SUBSCRIBER)$")]
     pub module_role: Option<String>,
 }
 

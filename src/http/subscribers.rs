@@ -49,6 +49,7 @@ pub struct SubscriptionDefinition {
     )]
     #[schema(
         pattern = "^/\\S*$",
+        max_length = 2048,
         example = "/automated-patron-blocks/handlers/item-checked-out"
     )]
     pub callback_address: Option<String>,

@@ -216,7 +216,7 @@ fn job_id(raw: &str) -> AppResult<Uuid> {
 
 /// A tenant job, optionally waiting for it to complete.
 #[utoipa::path(get, path = "/_/tenant/{id}", tag = "tenant",
-    params(("id" = String, Path, description = "Job id"), ("X-Okapi-Tenant" = String, Header, description = "Tenant id"), WaitQuery),
+    params(("id" = String, Path, format = Uuid, description = "Job id"), ("X-Okapi-Tenant" = String, Header, description = "Tenant id"), WaitQuery),
     responses((status = 200, body = TenantJob), (status = 404, body = String, content_type = "text/plain")))]
 async fn get_job(
     Tenant(tenant): Tenant,
@@ -240,7 +240,7 @@ async fn get_job(
 
 /// Deletes a tenant job record.
 #[utoipa::path(delete, path = "/_/tenant/{id}", tag = "tenant",
-    params(("id" = String, Path, description = "Job id"), ("X-Okapi-Tenant" = String, Header, description = "Tenant id")),
+    params(("id" = String, Path, format = Uuid, description = "Job id"), ("X-Okapi-Tenant" = String, Header, description = "Tenant id")),
     responses((status = 204), (status = 404, body = String, content_type = "text/plain")))]
 async fn delete_job(
     Tenant(tenant): Tenant,
