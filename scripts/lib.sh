@@ -399,6 +399,24 @@ ensure_kcat() {
   command -v kcat >/dev/null 2>&1 || apt_install kcat
 }
 
+# schemathesis (PyPI), the contract fuzzer of tests/api/contract.rs, in a virtualenv under
+# .tools (Debian's Python refuses system-wide pip installs); exports SCHEMATHESIS_BIN.
+SCHEMATHESIS_VERSION="4.32.5"
+ensure_schemathesis() {
+  local venv="${PUBSUB_REPO_ROOT}/.tools/schemathesis-${SCHEMATHESIS_VERSION}"
+  if [[ ! -x "${venv}/bin/schemathesis" ]]; then
+    python3 -m venv --help >/dev/null 2>&1 && python3 -c 'import ensurepip' 2>/dev/null \
+      || apt_install python3-venv
+    log "installing schemathesis ${SCHEMATHESIS_VERSION} into ${venv}"
+    rm -rf "${venv}"
+    python3 -m venv "${venv}"
+    "${venv}/bin/pip" install --quiet "schemathesis==${SCHEMATHESIS_VERSION}" \
+      || die "pip install schemathesis==${SCHEMATHESIS_VERSION} failed"
+  fi
+  SCHEMATHESIS_BIN="${venv}/bin/schemathesis"
+  export SCHEMATHESIS_BIN
+}
+
 ensure_services() {
   ensure_build_deps
   ensure_postgres

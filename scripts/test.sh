@@ -14,6 +14,8 @@ ensure_services
 ensure_tansu_binary
 # The interoperability tests read and write with kcat, a Kafka client nobody here wrote.
 ensure_kcat
+# The contract test fuzzes the API against its OpenAPI document with schemathesis.
+ensure_schemathesis
 
 # The client library must build on its own, without the server's dependencies.
 log "cargo check --locked --lib --no-default-features --features client"

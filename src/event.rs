@@ -26,6 +26,7 @@ pub struct Event {
 pub struct EventMetadata {
     pub tenant_id: String,
     #[serde(rename = "eventTTL", deserialize_with = "lenient::non_negative_int")]
+    #[cfg_attr(feature = "server", schema(minimum = 0, maximum = 2147483647))]
     pub event_ttl: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub correlation_id: Option<String>,

@@ -27,7 +27,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PublisherDescriptor {
-    #[schema(value_type = String, example = "mod-circulation-24.0.0")]
+    #[schema(value_type = String, pattern = "^[A-Za-z0-9][A-Za-z0-9._+-]{0,254}$", example = "mod-circulation-24.0.0")]
     pub module_id: ModuleId,
     pub event_descriptors: Vec<EventDescriptor>,
 }

@@ -52,7 +52,7 @@ pub struct MessagingModuleCollection {
 #[into_params(parameter_in = Query)]
 pub struct ModuleIdQuery {
     /// The module whose registrations to delete; any version of it matches.
-    #[param(required = true)]
+    #[param(required = true, pattern = "^[A-Za-z0-9][A-Za-z0-9._+-]{0,254}$")]
     pub module_id: Option<String>,
 }
 

@@ -27,7 +27,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SubscriberDescriptor {
-    #[schema(value_type = String, example = "mod-patron-blocks-1.0.0")]
+    #[schema(value_type = String, pattern = "^[A-Za-z0-9][A-Za-z0-9._+-]{0,254}$", example = "mod-patron-blocks-1.0.0")]
     pub module_id: ModuleId,
     pub subscription_definitions: Vec<SubscriptionDefinition>,
 }
@@ -48,7 +48,7 @@ pub struct SubscriptionDefinition {
         deserialize_with = "callback_address"
     )]
     #[schema(
-        pattern = "^/\\S*$",
+        pattern = "^/[^\\s\\x00-\\x1f\\x7f-\\x9f]*$",
         max_length = 2048,
         example = "/automated-patron-blocks/handlers/item-checked-out"
     )]
@@ -60,13 +60,13 @@ fn callback_address<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Str
         return Ok(None);
     };
     let ok = raw.starts_with('/')
-        && raw.len() <= 2048
+        && raw.chars().count() <= 2048
         && !raw.chars().any(|c| c.is_whitespace() || c.is_control());
     if ok {
         Ok(Some(raw))
     } else {
         Err(serde::de::Error::custom(
-            "must match \"^/\\S*$\": an Okapi path starting with '/', at most 2048 characters, without white space",
+            "must match \"^/[^\\s\\x00-\\x1f\\x7f-\\x9f]*$\": an Okapi path starting with '/', at most 2048 characters, without white space or control characters",
         ))
     }
 }

@@ -17,7 +17,7 @@ use super::extract::{FolioJson, Tenant};
 use super::AppState;
 use crate::db;
 use crate::domain::TenantId;
-use crate::error::{AppError, AppResult};
+use crate::error::{codes, AppError, AppResult, ErrorItem};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -30,8 +30,10 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct TenantAttributes {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^[^\\x00]*$")]
     pub module_from: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^[^\\x00]*$")]
     pub module_to: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub purge: Option<bool>,
@@ -41,9 +43,40 @@ pub struct TenantAttributes {
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct TenantParameter {
+    #[schema(pattern = "^[^\\x00]*$")]
     pub key: String,
     #[serde(default)]
+    #[schema(pattern = "^[^\\x00]*$")]
     pub value: Option<String>,
+}
+
+impl TenantAttributes {
+    /// The first text PostgreSQL's `jsonb` cannot store (a NUL character), as a FOLIO error
+    /// naming the field: the job row keeps the attributes.
+    fn check_storable(&self) -> Result<(), AppError> {
+        let mut fields: Vec<(String, &str)> = [
+            ("module_from", &self.module_from),
+            ("module_to", &self.module_to),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| Some((k.to_owned(), v.as_deref()?)))
+        .collect();
+        for (i, p) in self.parameters.iter().flatten().enumerate() {
+            fields.push((format!("parameters[{i}].key"), &p.key));
+            if let Some(v) = &p.value {
+                fields.push((format!("parameters[{i}].value"), v));
+            }
+        }
+        match fields.into_iter().find(|(_, v)| v.contains('\0')) {
+            Some((key, value)) => Err(AppError::unprocessable(vec![ErrorItem::field(
+                key,
+                value.replace('\0', "\\u0000"),
+                "must not contain the NUL character",
+                codes::PATTERN,
+            )])),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Okapi's tenantJob.
@@ -87,6 +120,7 @@ async fn post_tenant(
     headers: axum::http::HeaderMap,
     FolioJson(attrs): FolioJson<TenantAttributes>,
 ) -> AppResult<Response> {
+    attrs.check_storable()?;
     if attrs.purge == Some(true) {
         let registrations = db::tenants::purge(&state.pool, &tenant).await?;
         super::registrations::registry_changed(&state, &tenant).await;

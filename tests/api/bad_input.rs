@@ -336,3 +336,23 @@ async fn truncated_and_non_utf8_bodies_are_400_everywhere() {
         .await;
     assert_eq!(r.status(), 201, "{}", text(r).await);
 }
+
+/// Text PostgreSQL cannot store in the tenant job's row (a NUL character) is a 422 naming the
+/// field, not a database error.
+#[tokio::test]
+async fn a_nul_character_in_tenant_attributes_is_422_naming_the_field() {
+    let app = TestApp::spawn().await;
+    let r = app
+        .post_json(
+            "diku",
+            "/_/tenant",
+            &json!({"module_to": "mod-pubsub-3.0.0", "parameters": [{"key": "loadSample", "value": "a\u{0}b"}]}),
+        )
+        .await;
+    assert_eq!(r.status(), 422);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(
+        e["errors"][0]["parameters"][0]["key"],
+        "parameters[0].value"
+    );
+}

@@ -6,6 +6,7 @@ mod audit;
 mod bad_input;
 mod cli;
 mod client;
+mod contract;
 mod crash;
 mod data_import;
 mod delivery;
