@@ -188,7 +188,7 @@ pub struct ReplayStarted {
 /// Delivers to a subscriber module again, in the background, every event of its subscriptions in
 /// this tenant published since `fromDate` (the module's normal delivery goes on beside it).
 #[utoipa::path(post, path = "/pubsub/subscribers/{moduleId}/replay", tag = "dead-letters",
-    params(("moduleId" = String, Path), ("X-Okapi-Tenant" = String, Header, description = "Tenant id")),
+    params(("moduleId" = String, Path, pattern = "^[A-Za-z0-9][A-Za-z0-9._+-]{0,254}$"), ("X-Okapi-Tenant" = String, Header, description = "Tenant id")),
     request_body = ReplayRequest,
     responses((status = 202, body = ReplayStarted),
               (status = 400, body = String, content_type = "text/plain"),

@@ -22,7 +22,7 @@ fn committed_openapi_matches_the_code() {
 }
 
 /// (METHOD, path) of every operation in the generated document.
-fn routes() -> BTreeSet<(String, String)> {
+pub fn routes() -> BTreeSet<(String, String)> {
     let doc: Value = serde_json::to_value(mod_pubsub::http::openapi()).unwrap();
     let mut out = BTreeSet::new();
     for (path, item) in doc["paths"].as_object().unwrap() {
