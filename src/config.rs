@@ -348,17 +348,13 @@ impl Config {
         })?;
         // The Java module's setting (retries after the first attempt, made at once there): the
         // number of waits of the default schedule, its last wait repeated beyond five.
-        if r.get("DELIVERY_RETRY_SCHEDULE").is_none() {
-            if let Some(n) = r
-                .get("pubsub.delivery.retry.number")
-                .map(|_| r.number("pubsub.delivery.retry.number", 5usize, 0, 100))
-                .transpose()?
-            {
-                let last = *retry_schedule
-                    .last()
-                    .expect("the default schedule has waits");
-                retry_schedule.resize(n, last);
-            }
+        const RETRY_NUMBER: &str = "pubsub.delivery.retry.number";
+        if r.get("DELIVERY_RETRY_SCHEDULE").is_none() && r.get(RETRY_NUMBER).is_some() {
+            let n = r.number(RETRY_NUMBER, 5usize, 0, 100)?;
+            let last = *retry_schedule
+                .last()
+                .expect("the default schedule has waits");
+            retry_schedule.resize(n, last);
         }
         let delivery = DeliveryConfig {
             enabled: r.bool("DELIVERY_ENABLED", true)?,

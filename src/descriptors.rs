@@ -11,11 +11,6 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 const MODULE_TEMPLATE: &str = include_str!("../descriptors/ModuleDescriptor-template.json");
 const DEPLOYMENT_TEMPLATE: &str = include_str!("../descriptors/DeploymentDescriptor-template.json");
 
-/// `mod-pubsub-<version>`, the id Okapi knows this build by.
-pub fn module_id() -> String {
-    format!("{ARTIFACT_ID}-{VERSION}")
-}
-
 /// The image FOLIO's release builds push: `folioorg/mod-pubsub:<version>`.
 pub fn default_image() -> String {
     format!("folioorg/{ARTIFACT_ID}:{VERSION}")

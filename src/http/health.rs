@@ -45,18 +45,13 @@ async fn health(State(state): State<AppState>) -> impl IntoResponse {
                 ));
             }
             // Registered topics the broker does not have yet (publishing to them answers 503).
-            let missing = state.kafka.missing_topics();
-            if !missing.is_empty() {
-                let shown: Vec<&str> = missing.iter().take(5).map(|t| t.as_str()).collect();
+            let (missing, shown) = state.kafka.missing_topics(5);
+            if missing > 0 {
+                let shown: Vec<&str> = shown.iter().map(|t| t.as_str()).collect();
                 body.push_str(&format!(
-                    "\n{} registered topics not created yet (the reconciler retries): {}{}",
-                    missing.len(),
+                    "\n{missing} registered topics not created yet (the reconciler retries): {}{}",
                     shown.join(", "),
-                    if missing.len() > shown.len() {
-                        ", ..."
-                    } else {
-                        ""
-                    }
+                    if missing > shown.len() { ", ..." } else { "" }
                 ));
             }
             // Subscribers in trouble: records retrying, partitions paused, a recent failure.
@@ -81,7 +76,7 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     state
         .metrics
         .topics_missing
-        .set(state.kafka.missing_topics().len() as i64);
+        .set(state.kafka.missing_topics(0).0 as i64);
     (
         [(
             header::CONTENT_TYPE,

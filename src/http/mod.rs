@@ -104,9 +104,15 @@ fn routes() -> OpenApiRouter<AppState> {
 
 /// The OpenAPI document, generated from the routes (committed as `api/openapi.json`).
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    let mut api = routes().split_for_parts().1;
+    documented_routes().1
+}
+
+/// The routes and their document, with [`common_answers`] added: what is served and what is
+/// committed are the same.
+fn documented_routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    let (router, mut api) = routes().split_for_parts();
     common_answers(&mut api);
-    api
+    (router, api)
 }
 
 /// What every operation of the contract can answer besides its own statuses, added in one place
@@ -119,13 +125,11 @@ fn common_answers(api: &mut utoipa::openapi::OpenApi) {
     use utoipa::openapi::{
         schema::Type, Content, ObjectBuilder, Ref, RefOr, Required, Response, ResponseBuilder,
     };
+    let plain = || Content::new(Some(ObjectBuilder::new().schema_type(Type::String)));
     let text = |description: &str| -> RefOr<Response> {
         ResponseBuilder::new()
             .description(description)
-            .content(
-                "text/plain",
-                Content::new(Some(ObjectBuilder::new().schema_type(Type::String))),
-            )
+            .content("text/plain", plain())
             .build()
             .into()
     };
@@ -160,10 +164,7 @@ fn common_answers(api: &mut utoipa::openapi::OpenApi) {
                 // A 400 that documents JSON (the publisher declaration's errors) is also sent as
                 // text for a malformed request.
                 Some(RefOr::T(r)) if !r.content.contains_key("text/plain") => {
-                    r.content.insert(
-                        "text/plain".into(),
-                        Content::new(Some(ObjectBuilder::new().schema_type(Type::String))),
-                    );
+                    r.content.insert("text/plain".into(), plain());
                 }
                 Some(_) => {}
             }
@@ -191,8 +192,7 @@ pub const SWAGGER_UI_PATH: &str = "/admin/swagger-ui";
 
 /// The whole application router.
 pub fn app(state: AppState) -> Router {
-    let (router, mut api) = routes().split_for_parts();
-    common_answers(&mut api);
+    let (router, api) = documented_routes();
     let body_limit = state.config.max_request_size;
     router
         .merge(SwaggerUi::new(SWAGGER_UI_PATH).url(OPENAPI_PATH, api))

@@ -239,10 +239,11 @@ impl Kafka {
         })
     }
 
-    /// Registered topics not created yet (for `/admin/health` and the metrics).
-    pub fn missing_topics(&self) -> Vec<TopicName> {
+    /// How many registered topics are not created yet, and the first `first` of them (for
+    /// `/admin/health` and the metrics).
+    pub fn missing_topics(&self, first: usize) -> (usize, Vec<TopicName>) {
         let missing = self.missing.lock().unwrap_or_else(|e| e.into_inner());
-        missing.iter().cloned().collect()
+        (missing.len(), missing.iter().take(first).cloned().collect())
     }
 
     /// Topics a declaration needs that could not be created now: the reconciler retries them.

@@ -231,15 +231,25 @@ async fn okapi(
 
 /// A service with delivery on, pushing to `fake`, retrying after the waits of `schedule`.
 pub async fn delivering_app(fake: &FakeOkapi, schedule: &str) -> TestApp {
-    let db = TestDb::create().await;
-    let (base, schedule) = (fake.base.clone(), schedule.to_owned());
-    TestApp::spawn_on(db, move |e| {
-        e.insert("DELIVERY_ENABLED".into(), "true".into());
-        e.insert("OKAPI_URL".into(), base);
-        e.insert("DELIVERY_RETRY_SCHEDULE".into(), schedule);
-        e.insert("DELIVERY_TIMEOUT_MS".into(), "2000".into());
-    })
+    delivering_app_with(
+        fake,
+        &[
+            ("DELIVERY_RETRY_SCHEDULE", schedule),
+            ("DELIVERY_TIMEOUT_MS", "2000"),
+        ],
+    )
     .await
+}
+
+/// A service on a fresh database with delivery on, pushing to `fake`, with `settings` on top.
+pub async fn delivering_app_with(fake: &FakeOkapi, settings: &[(&str, &str)]) -> TestApp {
+    let db = TestDb::create().await;
+    let mut env: Vec<(String, String)> = vec![
+        ("DELIVERY_ENABLED".into(), "true".into()),
+        ("OKAPI_URL".into(), fake.base.clone()),
+    ];
+    env.extend(settings.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    TestApp::spawn_on(db, move |e| e.extend(env)).await
 }
 
 async fn subscribe(app: &TestApp, module: &str, event_type: &str, callback: &str) {
@@ -654,14 +664,13 @@ async fn dead_letters_can_be_listed_redelivered_and_subscribers_replayed() {
 #[tokio::test]
 async fn two_instances_share_the_work_and_deliver_each_event_once() {
     let fake = FakeOkapi::start().await;
-    let db = TestDb::create().await;
-    let base = fake.base.clone();
-    let a = TestApp::spawn_on(db, move |e| {
-        e.insert("DELIVERY_ENABLED".into(), "true".into());
-        e.insert("OKAPI_URL".into(), base);
-        e.insert("NUMBER_OF_PARTITIONS".into(), "4".into());
-        e.insert("DELIVERY_RETRY_SCHEDULE".into(), "100ms".into());
-    })
+    let a = delivering_app_with(
+        &fake,
+        &[
+            ("NUMBER_OF_PARTITIONS", "4"),
+            ("DELIVERY_RETRY_SCHEDULE", "100ms"),
+        ],
+    )
     .await;
     register_publisher(&a, "diku", "SHARED_WORK", "mod-pub-1.0.0").await;
     subscribe(&a, "mod-sub-1.0.0", "SHARED_WORK", "/work").await;

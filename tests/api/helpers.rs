@@ -281,6 +281,17 @@ impl TestApp {
         format!("{}{}", self.base, path)
     }
 
+    /// `GET /admin/health`: its status and text.
+    pub async fn health(&self) -> (reqwest::StatusCode, String) {
+        let r = self
+            .client
+            .get(self.url("/admin/health"))
+            .send()
+            .await
+            .unwrap();
+        (r.status(), r.text().await.unwrap())
+    }
+
     /// A request with `X-Okapi-Tenant: diku`.
     pub fn req(&self, method: Method, path: &str) -> RequestBuilder {
         self.req_as(TENANT, method, path)

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::delivery::{delivering_app, publish_keyed, FakeOkapi, Received};
+use crate::delivery::{delivering_app, delivering_app_with, publish_keyed, FakeOkapi, Received};
 use crate::helpers::*;
 use crate::publish::{new_id, register_publisher};
 
@@ -236,14 +236,7 @@ async fn a_poison_event_holds_up_only_its_own_key() {
 async fn slow_subscribers_get_up_to_the_in_flight_bound_at_once() {
     let fake = FakeOkapi::start().await;
     fake.delay_ms.store(100, Ordering::SeqCst);
-    let db = TestDb::create().await;
-    let base = fake.base.clone();
-    let app = TestApp::spawn_on(db, move |e| {
-        e.insert("DELIVERY_ENABLED".into(), "true".into());
-        e.insert("OKAPI_URL".into(), base);
-        e.insert("DELIVERY_MAX_IN_FLIGHT".into(), "8".into());
-    })
-    .await;
+    let app = delivering_app_with(&fake, &[("DELIVERY_MAX_IN_FLIGHT", "8")]).await;
     register_publisher(&app, "diku", "ISO_SLOW", "mod-pub-1.0.0").await;
     subscribe_in(&app, "diku", "mod-iso-1.0.0", &[("ISO_SLOW", "/slow")]).await;
     let mut ids = Vec::new();
@@ -375,13 +368,13 @@ async fn client_errors_are_final_and_timeouts_and_throttling_are_retried() {
     // The operator can have 4xx retried like 5xx.
     let fake = FakeOkapi::start().await;
     fake.answer("/c422", &[422, 204]);
-    let base = fake.base.clone();
-    let app = TestApp::spawn_on(TestDb::create().await, move |e| {
-        e.insert("DELIVERY_ENABLED".into(), "true".into());
-        e.insert("OKAPI_URL".into(), base);
-        e.insert("DELIVERY_RETRY_SCHEDULE".into(), "50ms".into());
-        e.insert("DELIVERY_RETRY_CLIENT_ERRORS".into(), "true".into());
-    })
+    let app = delivering_app_with(
+        &fake,
+        &[
+            ("DELIVERY_RETRY_SCHEDULE", "50ms"),
+            ("DELIVERY_RETRY_CLIENT_ERRORS", "true"),
+        ],
+    )
     .await;
     register_publisher(&app, "diku", "C422", "mod-pub-1.0.0").await;
     subscribe_in(&app, "diku", "mod-iso-1.0.0", &[("C422", "/c422")]).await;
@@ -413,13 +406,13 @@ async fn event_ttl_is_ignored_unless_the_operator_honours_it() {
     // DELIVERY_HONOUR_EVENT_TTL: one attempt all the same, then the dead-letter topic.
     let fake = FakeOkapi::start().await;
     fake.answer("/ttl", &[500]);
-    let base = fake.base.clone();
-    let app = TestApp::spawn_on(TestDb::create().await, move |e| {
-        e.insert("DELIVERY_ENABLED".into(), "true".into());
-        e.insert("OKAPI_URL".into(), base);
-        e.insert("DELIVERY_RETRY_SCHEDULE".into(), "50ms,50ms".into());
-        e.insert("DELIVERY_HONOUR_EVENT_TTL".into(), "true".into());
-    })
+    let app = delivering_app_with(
+        &fake,
+        &[
+            ("DELIVERY_RETRY_SCHEDULE", "50ms,50ms"),
+            ("DELIVERY_HONOUR_EVENT_TTL", "true"),
+        ],
+    )
     .await;
     register_publisher(&app, "diku", "TTL_EVT", "mod-pub-1.0.0").await;
     subscribe_in(&app, "diku", "mod-iso-1.0.0", &[("TTL_EVT", "/ttl")]).await;
@@ -493,14 +486,7 @@ async fn consumer_lag_counts_the_events_the_group_has_not_finished() {
     let fake = FakeOkapi::start().await;
     // Each callback takes longer than one lag reading's period (10 s).
     fake.delay_ms.store(16_000, Ordering::SeqCst);
-    let db = TestDb::create().await;
-    let base = fake.base.clone();
-    let app = TestApp::spawn_on(db, move |e| {
-        e.insert("DELIVERY_ENABLED".into(), "true".into());
-        e.insert("OKAPI_URL".into(), base);
-        e.insert("DELIVERY_TIMEOUT_MS".into(), "30000".into());
-    })
-    .await;
+    let app = delivering_app_with(&fake, &[("DELIVERY_TIMEOUT_MS", "30000")]).await;
     register_publisher(&app, "diku", "ISO_LAG", "mod-pub-1.0.0").await;
     subscribe_in(&app, "diku", "mod-lag-1.0.0", &[("ISO_LAG", "/lag")]).await;
     for i in 0..5 {

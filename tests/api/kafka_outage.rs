@@ -102,13 +102,7 @@ async fn broker_down_then_back() {
     );
     // Health and metrics name what is missing.
     let outage_2 = app.topic("diku", "OUTAGE_2");
-    let health = text(
-        app.req(reqwest::Method::GET, "/admin/health")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (_, health) = app.health().await;
     assert!(
         health.contains("not created yet") && health.contains(&outage_2),
         "{health}"
@@ -162,13 +156,7 @@ async fn broker_down_then_back() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let health = text(
-        app.req(reqwest::Method::GET, "/admin/health")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (_, health) = app.health().await;
     assert!(!health.contains("not created yet"), "{health}");
     let r = app
         .post_json(
