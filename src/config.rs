@@ -88,6 +88,15 @@ pub struct DeliveryConfig {
     /// (`DELIVERY_SESSION_TIMEOUT_MS`, default 45000): a crashed instance's partitions move to
     /// the others within it.
     pub session_timeout: Duration,
+    /// Partitions a module's consumer fetches at once on this instance
+    /// (`DELIVERY_MAX_ACTIVE_PARTITIONS`, default 1000). The others of its share are parked:
+    /// librdkafka holds nothing for them until their end offset passes the module's position.
+    pub max_active_partitions: usize,
+    /// How often the end offsets of a module's parked partitions are read
+    /// (`DELIVERY_IDLE_CHECK_MS`, default 1000): the longest an event published through another
+    /// instance (or straight to Kafka) waits before its partition is fetched. Events published
+    /// through this instance wake their partition at once.
+    pub idle_check: Duration,
 }
 
 /// `1s,5s,30s,2m,10m` (units ms, s, m, h).
@@ -385,6 +394,18 @@ impl Config {
                 45_000u64,
                 6_000,
                 300_000,
+            )?),
+            max_active_partitions: r.number(
+                "DELIVERY_MAX_ACTIVE_PARTITIONS",
+                crate::client::dispatch::DEFAULT_MAX_ACTIVE,
+                1,
+                1_000_000,
+            )?,
+            idle_check: Duration::from_millis(r.number(
+                "DELIVERY_IDLE_CHECK_MS",
+                crate::client::dispatch::DEFAULT_IDLE_CHECK.as_millis() as u64,
+                50,
+                60_000,
             )?),
         };
 

@@ -29,8 +29,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
-use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
-use rdkafka::error::KafkaResult;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -51,9 +49,8 @@ use crate::registry::{RegistryCache, Subscriber};
 
 /// Events a little older than the registration are still delivered (clock skew).
 const SINCE_GRACE: chrono::Duration = chrono::Duration::seconds(2);
-/// How often a module's gauges are refreshed, and its consumer lag measured.
+/// How often a module's gauges (and its consumer lag) are refreshed.
 const GAUGES_EVERY: Duration = Duration::from_secs(2);
-const LAG_EVERY: Duration = Duration::from_secs(10);
 /// `/admin/health` lists a module's last failure for this long.
 const RECENT_FAILURE: chrono::Duration = chrono::Duration::minutes(10);
 
@@ -75,6 +72,9 @@ pub struct Engine {
     sink: Arc<ServiceSink>,
     /// What each module's consumer on this instance is doing.
     modules: Mutex<BTreeMap<String, Arc<Stats>>>,
+    /// Topics the HTTP publish path just wrote to: the consumers fetch their parked partitions
+    /// at once instead of at the next end-offset reading.
+    published: tokio::sync::broadcast::Sender<Arc<str>>,
 }
 
 /// Dead letters go out through the service's producer, to a topic created when missing.
@@ -164,7 +164,15 @@ impl Engine {
             audit,
             http,
             modules: Mutex::default(),
+            published: tokio::sync::broadcast::channel(4096).0,
         })
+    }
+
+    /// The HTTP publish path wrote an event to `topic`.
+    pub fn published(&self, topic: &str) {
+        if self.published.receiver_count() > 0 {
+            let _ = self.published.send(Arc::from(topic));
+        }
     }
 
     /// module name → topics it needs, from the registrations.
@@ -299,6 +307,8 @@ impl Engine {
                 fetch_wait: delivery.fetch_wait,
                 session_timeout: delivery.session_timeout,
                 metadata_refresh: Duration::from_secs(10),
+                max_active: delivery.max_active_partitions,
+                idle_check: delivery.idle_check,
             },
         ) {
             Ok(d) => d,
@@ -320,6 +330,7 @@ impl Engine {
             }
         };
         subscribe(&topics.borrow_and_update());
+        dispatcher.hints(self.published.subscribe());
         let stats = Arc::new(Stats::default());
         self.modules
             .lock()
@@ -339,8 +350,6 @@ impl Engine {
             group: self.group(&module),
         };
         let mut gauges = tokio::time::interval(GAUGES_EVERY);
-        let mut lag_tick = tokio::time::interval(LAG_EVERY);
-        let mut lag_task: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             tokio::select! {
                 result = &mut run => {
@@ -349,18 +358,12 @@ impl Engine {
                     }
                     break;
                 }
-                _ = gauges.tick() => self.metrics.module_gauges(&labels, &stats),
-                // Off this loop, which must keep polling the dispatcher; one at a time.
-                _ = lag_tick.tick(), if lag_task.as_ref().is_none_or(|t| t.is_finished()) => {
-                    let c = Arc::clone(dispatcher.consumer());
-                    let gauge = self.metrics.consumer_lag.get_or_create(&group).clone();
-                    let module = module.clone();
-                    lag_task = Some(tokio::task::spawn_blocking(move || match lag(&c) {
-                        Ok(lag) => {
-                            gauge.set(lag);
-                        }
-                        Err(e) => tracing::debug!(%module, error = %e, "consumer lag not read"),
-                    }));
+                _ = gauges.tick() => {
+                    self.metrics.module_gauges(&labels, &stats);
+                    self.metrics
+                        .consumer_lag
+                        .get_or_create(&group)
+                        .set(stats.lag.load(std::sync::atomic::Ordering::Relaxed));
                 }
                 changed = topics.changed() => {
                     if changed.is_ok() {
@@ -644,54 +647,6 @@ fn delivery_row(
         subscriber: Some(subscriber.to_owned()),
         attempt,
     })
-}
-
-/// Records the group has not finished on the partitions this consumer holds (blocking: broker
-/// round trips): each partition's end offset minus the group's committed offset, the lag
-/// Kafka's own tools report; a partition without a commit counts from its earliest offset. The
-/// offsets of all partitions come in one request each (`offsets_for_times` with Kafka's
-/// "latest" and "earliest"), not one watermark request per partition: at 8,000 partitions those
-/// took seconds every time.
-fn lag<C: ConsumerContext>(consumer: &StreamConsumer<C>) -> KafkaResult<i64> {
-    const TIMEOUT: Duration = Duration::from_secs(5);
-    let committed = consumer.committed(TIMEOUT)?;
-    if committed.count() == 0 {
-        return Ok(0);
-    }
-    // `Offset::End` and `Offset::Beginning` are ListOffsets' "latest" and "earliest" (-1, -2).
-    let query = |at: rdkafka::Offset| -> KafkaResult<rdkafka::TopicPartitionList> {
-        let mut tpl = committed.clone();
-        tpl.set_all_offsets(at)?;
-        consumer.offsets_for_times(tpl, TIMEOUT)
-    };
-    let ends = query(rdkafka::Offset::End)?;
-    let uncommitted = committed
-        .elements()
-        .iter()
-        .any(|tp| !matches!(tp.offset(), rdkafka::Offset::Offset(_)));
-    let starts = if uncommitted {
-        Some(query(rdkafka::Offset::Beginning)?)
-    } else {
-        None
-    };
-    // By hand-built maps: the list's own find is a linear scan (quadratic at 8,000 partitions).
-    let committed = committed.to_topic_map();
-    let starts = starts.map(|s| s.to_topic_map());
-    let offset = |map: &std::collections::HashMap<(String, i32), rdkafka::Offset>,
-                  key: &(String, i32)| match map.get(key) {
-        Some(rdkafka::Offset::Offset(o)) => Some(*o),
-        _ => None,
-    };
-    let mut total = 0;
-    for end in ends.elements() {
-        let key = (end.topic().to_owned(), end.partition());
-        let done =
-            offset(&committed, &key).or_else(|| starts.as_ref().and_then(|s| offset(s, &key)));
-        if let (rdkafka::Offset::Offset(high), Some(done)) = (end.offset(), done) {
-            total += (high - done).max(0);
-        }
-    }
-    Ok(total)
 }
 
 /// A failed callback.

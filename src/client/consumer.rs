@@ -253,6 +253,8 @@ impl DirectConsumer {
                 fetch_wait: options.fetch_wait,
                 session_timeout: options.session_timeout,
                 metadata_refresh: Duration::from_secs(5),
+                max_active: super::dispatch::DEFAULT_MAX_ACTIVE,
+                idle_check: super::dispatch::DEFAULT_IDLE_CHECK,
             },
         )?;
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();

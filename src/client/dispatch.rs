@@ -29,22 +29,24 @@
 // Parts only the delivery engine uses (the server feature).
 #![cfg_attr(not(feature = "server"), allow(dead_code))]
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer,
 };
+use rdkafka::error::KafkaResult;
 use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{broadcast, mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::{ClientError, ReceivedEvent};
@@ -123,7 +125,12 @@ pub(crate) struct Stats {
     pub paused_partitions: AtomicUsize,
     /// Partitions with a record waiting for its next attempt.
     pub retrying_partitions: AtomicUsize,
+    /// Partitions the group gives this member.
     pub assigned_partitions: AtomicUsize,
+    /// Of those, the partitions being fetched (the others are parked: nothing to do).
+    pub active_partitions: AtomicUsize,
+    /// Records of the member's partitions not finished: end offsets minus positions.
+    pub lag: AtomicI64,
     /// How often a partition's window filled.
     pub pauses: AtomicU64,
     pub finished: AtomicU64,
@@ -380,87 +387,154 @@ pub(crate) fn jitter(base: Duration) -> Duration {
     base.mul_f64(factor)
 }
 
-/// Assignment changes, sent from the rebalance callback to [`Dispatcher::run`].
+/// Changes of the group's share, sent from the rebalance callback to [`Dispatcher::run`].
 enum Change {
-    Assigned(Vec<(String, i32, StreamPartitionQueue<CoreContext>)>),
-    Revoked(Vec<(String, i32)>),
+    Owned(Vec<(String, i32)>),
+    Disowned(Vec<(String, i32)>),
 }
 
-/// Splits every newly assigned partition off the consumer queue before librdkafka starts
-/// fetching it (the split is sticky: librdkafka never forwards an application-split queue
-/// again), and tells the dispatcher.
+/// Finished positions not yet committed, by partition.
+type Dirty = Arc<Mutex<HashMap<(String, i32), i64>>>;
+
+/// The group member's context: records which partitions the group gives this member, and
+/// commits what is finished of a partition before it goes. Nothing is fetched through the
+/// member itself (its librdkafka assignment stays empty); fetchers do that.
 pub(crate) struct CoreContext {
-    consumer: OnceLock<Weak<StreamConsumer<CoreContext>>>,
     changes: mpsc::UnboundedSender<Change>,
+    dirty: Dirty,
+    /// A periodic commit is on its way. One at a time, each waited for off the dispatcher's
+    /// loop: librdkafka completes a rebalance only when no commit is outstanding, so commits
+    /// sent back to back without waiting would hold rebalances up indefinitely.
+    committing: AtomicBool,
 }
 
 impl ClientContext for CoreContext {}
 
 impl ConsumerContext for CoreContext {
-    fn pre_rebalance(&self, base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        match rebalance {
-            Rebalance::Assign(tpl) => {
-                let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else {
-                    return;
-                };
-                let mut queues = Vec::new();
-                for e in tpl.elements() {
-                    match consumer.split_partition_queue(e.topic(), e.partition()) {
-                        Some(q) => queues.push((e.topic().to_owned(), e.partition(), q)),
-                        None => tracing::warn!(
-                            topic = e.topic(),
-                            partition = e.partition(),
-                            "partition queue not split; its records come through the consumer queue"
-                        ),
-                    }
+    fn rebalance(
+        &self,
+        base: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let list: Vec<(String, i32)> = tpl
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_owned(), e.partition()))
+            .collect();
+        let cooperative = matches!(base.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        let empty = TopicPartitionList::new();
+        let acknowledged = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let _ = self.changes.send(Change::Owned(list));
+                // An empty (incremental) assignment completes the rebalance: the partitions are
+                // this member's in the group, and fetched by the dispatcher's fetchers.
+                if cooperative {
+                    base.incremental_assign(&empty)
+                } else {
+                    base.assign(&empty)
                 }
-                let _ = self.changes.send(Change::Assigned(queues));
             }
-            Rebalance::Revoke(tpl) => {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 // What is finished is committed before the partitions go, so that their next
-                // owner repeats only what was still running here (stored offsets never pass an
-                // unfinished record).
-                if let Err(e) = base.commit_consumer_state(CommitMode::Sync) {
-                    tracing::debug!(error = %e, "commit before revocation");
+                // owner repeats only what was still running here.
+                self.commit(base, Some(&list));
+                let _ = self.changes.send(Change::Disowned(list));
+                if cooperative {
+                    base.incremental_unassign(&empty)
+                } else {
+                    base.unassign()
                 }
-                let revoked = tpl
-                    .elements()
-                    .iter()
-                    .map(|e| (e.topic().to_owned(), e.partition()))
-                    .collect();
-                let _ = self.changes.send(Change::Revoked(revoked));
             }
-            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+            other => {
+                tracing::warn!(error = ?other, "rebalance error");
+                Ok(())
+            }
+        };
+        if let Err(e) = acknowledged {
+            tracing::warn!(error = %e, "rebalance not acknowledged");
         }
     }
 }
 
-/// How a [`Dispatcher`]'s consumer is set up.
+impl CoreContext {
+    /// Commits the finished positions (of `only` these partitions, when given; else all);
+    /// blocks until the broker answers. What is not committed stays to be committed next time
+    /// (a group that is rebalancing refuses commits): were it dropped, a partition that has
+    /// nothing more to finish would keep its old offset, and its next owner would repeat
+    /// everything since.
+    fn commit<C: Consumer<Self>>(&self, consumer: &C, only: Option<&[(String, i32)]>) {
+        let taken: Vec<((String, i32), i64)> = {
+            let mut dirty = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+            match only {
+                None => dirty.drain().collect(),
+                Some(list) => list
+                    .iter()
+                    .filter_map(|tp| dirty.remove_entry(tp))
+                    .collect(),
+            }
+        };
+        if taken.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::with_capacity(taken.len());
+        for ((topic, partition), position) in &taken {
+            let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*position));
+        }
+        if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
+            tracing::debug!(error = %e, partitions = taken.len(), "commit failed; kept for the next one");
+            // A revoked partition is not kept: it is another member's now.
+            if only.is_none() {
+                let mut dirty = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+                for (tp, position) in taken {
+                    dirty.entry(tp).or_insert(position);
+                }
+            }
+        }
+    }
+}
+
+/// How a [`Dispatcher`]'s consumers are set up.
 pub(crate) struct DispatcherOptions {
     pub group: String,
     /// Unfinished records per partition, and attempts at once.
     pub max_in_flight: usize,
     pub fetch_wait: Duration,
-    /// `session.timeout.ms`, also the rebalance timeout (`max.poll.interval.ms`): the consumer
+    /// `session.timeout.ms`, also the rebalance timeout (`max.poll.interval.ms`): the member's
     /// queue is polled at least every second whatever the handlers do, so a member that stops
     /// answering is replaced within this time.
     pub session_timeout: Duration,
     pub metadata_refresh: Duration,
+    /// Partitions fetched at once; the others of this member's share wait, parked.
+    pub max_active: usize,
+    /// How often the end offsets of this member's partitions are read, to find the parked
+    /// ones that have records.
+    pub idle_check: Duration,
 }
 
-/// The settings of a dispatcher's consumer, on top of [`at_least_once_consumer`]'s. With
-/// split partition queues librdkafka's queue limits apply per partition, so they bound what a
-/// partition that is not being read holds: fetching stops at 1,000 records or 1 MiB (plus one
-/// fetch response of at most `fetch.message.max.bytes`, 1 MiB by default); a partition below them
-/// is fetched again after 10 ms (librdkafka's default of 1 s stalls a fast partition that was
-/// drained). Cooperative rebalancing moves only the partitions that change owner, so a new
-/// subscription or a new instance does not interrupt the others.
+/// Defaults of [`DispatcherOptions::max_active`] and [`DispatcherOptions::idle_check`].
+pub(crate) const DEFAULT_MAX_ACTIVE: usize = 1000;
+pub(crate) const DEFAULT_IDLE_CHECK: Duration = Duration::from_secs(1);
+
+/// An active partition with nothing unfinished and no new record for this long goes back to
+/// parked (sooner when other partitions wait for a fetch slot; see [`Book::park`]).
+const LINGER: Duration = Duration::from_secs(30);
+/// How often finished positions are committed.
+const COMMIT_EVERY: Duration = Duration::from_millis(500);
+/// A fetcher with no active partition for this long is closed (its threads and connection go).
+const FETCHER_IDLE: Duration = Duration::from_secs(60);
+
+/// The settings of a dispatcher's group member, on top of [`at_least_once_consumer`]'s: it
+/// only keeps the membership and commits (no fetching: auto-commit is off, offsets are
+/// committed from the finished positions). Cooperative rebalancing moves only the partitions
+/// that change owner, so a new subscription or a new instance does not interrupt the others.
 pub(crate) fn dispatcher_config<'a>(
     cfg: &'a mut ClientConfig,
     options: &DispatcherOptions,
 ) -> &'a mut ClientConfig {
     let session = options.session_timeout.as_millis().to_string();
     at_least_once_consumer(cfg, &options.group, options.fetch_wait)
+        .set("enable.auto.commit", "false")
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("session.timeout.ms", &session)
         .set("max.poll.interval.ms", &session)
@@ -470,20 +544,53 @@ pub(crate) fn dispatcher_config<'a>(
                 .clamp(500, 3000)
                 .to_string(),
         )
-        .set("queued.min.messages", "1000")
-        .set("queued.max.messages.kbytes", "1024")
-        .set("fetch.queue.backoff.ms", "10")
         .set(
             "topic.metadata.refresh.interval.ms",
             options.metadata_refresh.as_millis().to_string(),
         )
 }
 
+/// The settings of a fetcher: a consumer that never joins a group and fetches the partitions
+/// it is given from the positions it is given. (It has a `group.id` of its own, never joined
+/// and never committed to, because librdkafka takes incremental assignments only from a
+/// consumer with one.) Each partition has its own queue (split before
+/// fetching starts), so librdkafka's queue limits apply per partition: fetching a partition
+/// that is not being read stops at 1,000 records or 1 MiB (plus one fetch response of at most
+/// `fetch.message.max.bytes`, 1 MiB by default); a partition below them is fetched again after
+/// 10 ms (librdkafka's default of 1 s stalls a fast partition that was drained).
+fn fetcher_config(cfg: &mut ClientConfig, options: &DispatcherOptions) -> ClientConfig {
+    let mut cfg = cfg.clone();
+    cfg.set("group.id", format!("{}.fetcher", options.group))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set(
+            "fetch.wait.max.ms",
+            options.fetch_wait.as_millis().to_string(),
+        )
+        .set("queued.min.messages", "1000")
+        .set("queued.max.messages.kbytes", "1024")
+        .set("fetch.queue.backoff.ms", "10")
+        .set(
+            "topic.metadata.refresh.interval.ms",
+            options.metadata_refresh.as_millis().to_string(),
+        );
+    cfg
+}
+
 /// A consumer group member that hands records to a [`Handler`] through a [`Pipeline`].
 pub(crate) struct Dispatcher {
-    consumer: Arc<StreamConsumer<CoreContext>>,
+    member: Arc<StreamConsumer<CoreContext>>,
     changes: Mutex<Option<mpsc::UnboundedReceiver<Change>>>,
+    dirty: Dirty,
+    fetch_cfg: ClientConfig,
     max_in_flight: usize,
+    max_active: usize,
+    idle_check: Duration,
+    /// Records are fetched again this long after the last one before a partition counts as
+    /// drained.
+    quiet: Duration,
+    hints: Mutex<Option<broadcast::Receiver<Arc<str>>>>,
 }
 
 /// A record taken from a partition queue, holding its place in the partition's window.
@@ -534,56 +641,422 @@ impl Drop for Admitted {
 
 type Slot = (String, i32, Vec<u8>);
 
-/// An assigned partition.
+/// A partition being fetched.
 struct Part {
     generation: u64,
-    reader: Option<tokio::task::JoinHandle<()>>,
-    /// Fires on revocation or stop: waits end, records are abandoned.
+    fetcher: u64,
+    reader: tokio::task::JoinHandle<()>,
+    /// Fires on revocation, parking or stop: waits end, records are abandoned.
     cancel: CancellationToken,
     window: Arc<Semaphore>,
     offsets: OffsetTracker,
     retrying: Arc<AtomicUsize>,
+    last_record: Instant,
 }
 
 impl Drop for Part {
     fn drop(&mut self) {
         self.cancel.cancel();
-        if let Some(reader) = &self.reader {
-            reader.abort();
+        self.reader.abort();
+    }
+}
+
+/// A partition of this member's share.
+#[derive(Default)]
+struct Held {
+    /// Where fetching starts: the first record not finished here (the committed offset, or
+    /// the partition's earliest offset when the group has none); unknown until read.
+    position: Option<i64>,
+    /// The end offset last read.
+    end: Option<i64>,
+    /// The HTTP publish path wrote to it.
+    hinted: bool,
+    /// Since when it has records and waits for a fetch slot.
+    waiting_since: Option<Instant>,
+    active: Option<Part>,
+}
+
+/// A consumer outside the group that fetches some of the member's partitions. librdkafka keeps
+/// the objects of every topic a client ever fetched until the client is destroyed, so a
+/// fetcher that has fetched more than twice `max_active` topics retires: it takes no new
+/// partitions, its partitions move to a new fetcher as they drain, and it is closed when it
+/// holds none (a bounded footprint however many tenants a module has).
+struct Fetcher {
+    consumer: Arc<StreamConsumer>,
+    topics: HashSet<String>,
+    active: usize,
+    retiring: bool,
+    idle_since: Instant,
+    poller: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Fetcher {
+    fn drop(&mut self) {
+        self.poller.abort();
+    }
+}
+
+/// Answers of the blocking offset lookups.
+enum Lookup {
+    Positions(Vec<((String, i32), i64)>),
+    Ends(Vec<((String, i32), i64)>),
+    Failed(&'static str, String),
+}
+
+/// The member's share: which partitions are parked and which are fetched, by which fetcher.
+struct Book<'a> {
+    held: HashMap<(String, i32), Held>,
+    by_topic: HashMap<String, Vec<i32>>,
+    fetchers: BTreeMap<u64, Fetcher>,
+    next_fetcher: u64,
+    generation: u64,
+    dispatcher: &'a Dispatcher,
+    stats: &'a Arc<Stats>,
+    records: mpsc::UnboundedSender<Admitted>,
+    stop: &'a CancellationToken,
+}
+
+impl Book<'_> {
+    /// The fetched partition `adm` came from, if it is still fetched as it was then.
+    fn part(&mut self, adm: &Admitted) -> Option<&mut Part> {
+        self.held
+            .get_mut(&adm.partition())
+            .and_then(|h| h.active.as_mut())
+            .filter(|p| p.generation == adm.generation)
+    }
+
+    fn own(&mut self, list: Vec<(String, i32)>) {
+        for (topic, partition) in list {
+            tracing::debug!(%topic, partition, "partition owned");
+            let parts = self.by_topic.entry(topic.clone()).or_default();
+            if !parts.contains(&partition) {
+                parts.push(partition);
+            }
+            self.held.entry((topic, partition)).or_default();
         }
+        self.stats
+            .assigned_partitions
+            .store(self.held.len(), Ordering::Relaxed);
+    }
+
+    fn disown(&mut self, list: Vec<(String, i32)>) {
+        let mut stopping: BTreeMap<u64, TopicPartitionList> = BTreeMap::new();
+        for tp in list {
+            tracing::debug!(topic = %tp.0, partition = tp.1, "partition revoked");
+            if let Some(parts) = self.by_topic.get_mut(&tp.0) {
+                parts.retain(|p| *p != tp.1);
+                if parts.is_empty() {
+                    self.by_topic.remove(&tp.0);
+                }
+            }
+            if let Some(part) = self.held.remove(&tp).and_then(|h| h.active) {
+                let _ = stopping
+                    .entry(part.fetcher)
+                    .or_default()
+                    .add_partition(&tp.0, tp.1);
+            }
+        }
+        self.unassign(stopping);
+        self.stats
+            .assigned_partitions
+            .store(self.held.len(), Ordering::Relaxed);
+    }
+
+    /// Stops fetching these partitions (their `Part`s are gone already).
+    fn unassign(&mut self, stopping: BTreeMap<u64, TopicPartitionList>) {
+        for (id, tpl) in stopping {
+            if let Some(f) = self.fetchers.get_mut(&id) {
+                if let Err(e) = f.consumer.incremental_unassign(&tpl) {
+                    tracing::warn!(error = %e, "fetcher did not stop partitions");
+                }
+                f.active = f.active.saturating_sub(tpl.count());
+                if f.active == 0 {
+                    f.idle_since = Instant::now();
+                }
+            }
+        }
+        self.count_active();
+    }
+
+    fn count_active(&self) {
+        let active = self.fetchers.values().map(|f| f.active).sum();
+        self.stats
+            .active_partitions
+            .store(active, Ordering::Relaxed);
+    }
+
+    fn hint(&mut self, topic: &str) -> bool {
+        let Some(parts) = self.by_topic.get(topic) else {
+            return false;
+        };
+        let mut any = false;
+        for p in parts {
+            if let Some(h) = self.held.get_mut(&(topic.to_owned(), *p)) {
+                if h.active.is_none() {
+                    h.hinted = true;
+                    any = true;
+                }
+            }
+        }
+        any
+    }
+
+    fn positions(&mut self, known: Vec<((String, i32), i64)>) {
+        for (tp, position) in known {
+            if let Some(h) = self.held.get_mut(&tp) {
+                h.position.get_or_insert(position);
+            }
+        }
+    }
+
+    /// Takes the end offsets read; returns the lag (records not finished).
+    fn ends(&mut self, ends: Vec<((String, i32), i64)>) {
+        let now = Instant::now();
+        for (tp, end) in ends {
+            if let Some(h) = self.held.get_mut(&tp) {
+                h.end = Some(end);
+                if h.active.is_none() && h.position.is_some_and(|p| end > p) {
+                    h.waiting_since.get_or_insert(now);
+                }
+            }
+        }
+        let lag = self
+            .held
+            .values()
+            .filter_map(|h| Some((h.end? - h.position?).max(0)))
+            .sum();
+        self.stats.lag.store(lag, Ordering::Relaxed);
+    }
+
+    /// Partitions whose position is not known yet.
+    fn unknown(&self) -> Vec<(String, i32)> {
+        self.held
+            .iter()
+            .filter(|(_, h)| h.position.is_none())
+            .map(|(tp, _)| tp.clone())
+            .collect()
+    }
+
+    /// Starts fetching parked partitions that have records (or were written to by this
+    /// instance), oldest wait first, while fewer than `max_active` are fetched.
+    fn activate(&mut self) {
+        let active: usize = self.fetchers.values().map(|f| f.active).sum();
+        let room = self.dispatcher.max_active.saturating_sub(active);
+        if room == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let mut due: Vec<(Instant, (String, i32), i64)> = self
+            .held
+            .iter()
+            .filter(|(_, h)| h.active.is_none())
+            .filter_map(|(tp, h)| {
+                let position = h.position?;
+                let has_records = h.end.is_some_and(|e| e > position);
+                (has_records || h.hinted)
+                    .then(|| (h.waiting_since.unwrap_or(now), tp.clone(), position))
+            })
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        due.sort_unstable_by_key(|d| d.0);
+        due.truncate(room);
+        let Some(id) = self.fetcher() else {
+            return;
+        };
+        let fetcher = self.fetchers.get_mut(&id).expect("just found or made");
+        let mut tpl = TopicPartitionList::with_capacity(due.len());
+        let mut queues = Vec::with_capacity(due.len());
+        for (_, (topic, partition), position) in due {
+            match fetcher.consumer.split_partition_queue(&topic, partition) {
+                Some(queue) => {
+                    let _ = tpl.add_partition_offset(&topic, partition, Offset::Offset(position));
+                    queues.push((topic, partition, queue));
+                }
+                None => tracing::warn!(%topic, partition, "partition queue not split"),
+            }
+        }
+        if let Err(e) = fetcher.consumer.incremental_assign(&tpl) {
+            tracing::warn!(error = %e, partitions = tpl.count(), "fetcher did not take partitions");
+            return;
+        }
+        fetcher.active += queues.len();
+        for (topic, partition, queue) in queues {
+            fetcher.topics.insert(topic.clone());
+            self.generation += 1;
+            let window = Arc::new(Semaphore::new(self.dispatcher.max_in_flight));
+            let reader = tokio::spawn(read(
+                queue,
+                Arc::clone(&window),
+                self.generation,
+                self.records.clone(),
+                Arc::clone(self.stats),
+            ));
+            tracing::debug!(%topic, partition, fetcher = id, "partition fetched");
+            let h = self.held.get_mut(&(topic, partition)).expect("due is held");
+            h.hinted = false;
+            h.waiting_since = None;
+            h.active = Some(Part {
+                generation: self.generation,
+                fetcher: id,
+                reader,
+                cancel: self.stop.child_token(),
+                window,
+                offsets: OffsetTracker::default(),
+                retrying: Arc::default(),
+                last_record: now,
+            });
+        }
+        if fetcher.topics.len() >= 2 * self.dispatcher.max_active {
+            tracing::debug!(
+                fetcher = id,
+                topics = fetcher.topics.len(),
+                "fetcher retires"
+            );
+            fetcher.retiring = true;
+        }
+        self.count_active();
+    }
+
+    /// The fetcher that takes new partitions, made when there is none.
+    fn fetcher(&mut self) -> Option<u64> {
+        if let Some((id, _)) = self.fetchers.iter().rev().find(|(_, f)| !f.retiring) {
+            return Some(*id);
+        }
+        let consumer: StreamConsumer = match self.dispatcher.fetch_cfg.create() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot create a fetcher");
+                return None;
+            }
+        };
+        let consumer = Arc::new(consumer);
+        // Its own queue carries only errors (every partition's records go to its own queue).
+        let poller = tokio::spawn({
+            let consumer = Arc::clone(&consumer);
+            async move {
+                loop {
+                    match consumer.recv().await {
+                        Ok(m) => tracing::warn!(
+                            topic = m.topic(),
+                            partition = m.partition(),
+                            "record outside its partition queue; fetched again later"
+                        ),
+                        Err(e) => tracing::warn!(error = %e, "fetcher error"),
+                    }
+                }
+            }
+        });
+        self.next_fetcher += 1;
+        self.fetchers.insert(
+            self.next_fetcher,
+            Fetcher {
+                consumer,
+                topics: HashSet::new(),
+                active: 0,
+                retiring: false,
+                idle_since: Instant::now(),
+                poller,
+            },
+        );
+        Some(self.next_fetcher)
+    }
+
+    /// Parks drained partitions: nothing unfinished, and no record for `quiet`; and either
+    /// their fetcher retires, or they are at their end offset and other partitions wait for a
+    /// slot or nothing came for [`LINGER`]. Closes fetchers left with nothing to fetch.
+    fn park(&mut self) {
+        let quiet = self.dispatcher.quiet;
+        let waiting = self
+            .held
+            .values()
+            .any(|h| h.active.is_none() && h.waiting_since.is_some());
+        let retiring: HashSet<u64> = self
+            .fetchers
+            .iter()
+            .filter(|(_, f)| f.retiring)
+            .map(|(id, _)| *id)
+            .collect();
+        let mut stopping: BTreeMap<u64, TopicPartitionList> = BTreeMap::new();
+        for ((topic, partition), h) in self.held.iter_mut() {
+            let Some(part) = &h.active else { continue };
+            let idle = part.last_record.elapsed();
+            let drained = part.offsets.open.is_empty()
+                && part.retrying.load(Ordering::Relaxed) == 0
+                && idle >= quiet;
+            if !drained {
+                continue;
+            }
+            let at_end = match (h.position, h.end) {
+                (Some(p), Some(e)) => p >= e,
+                _ => false,
+            };
+            if retiring.contains(&part.fetcher) || (at_end && (waiting || idle >= LINGER)) {
+                let _ = stopping
+                    .entry(part.fetcher)
+                    .or_default()
+                    .add_partition(topic, *partition);
+                tracing::debug!(%topic, partition, "partition parked");
+                h.active = None;
+            }
+        }
+        if !stopping.is_empty() {
+            self.unassign(stopping);
+        }
+        self.fetchers
+            .retain(|_, f| f.active > 0 || !(f.retiring || f.idle_since.elapsed() >= FETCHER_IDLE));
+    }
+
+    /// Stops fetching everything.
+    fn close(&mut self) {
+        for h in self.held.values_mut() {
+            h.active = None;
+        }
+        self.fetchers.clear();
+        self.count_active();
     }
 }
 
 impl Dispatcher {
-    /// Creates the consumer (`cfg` has the bootstrap servers and security settings); subscribe
-    /// with [`Dispatcher::subscribe`].
+    /// Creates the group member (`cfg` has the bootstrap servers and security settings);
+    /// subscribe with [`Dispatcher::subscribe`].
     pub fn new(mut cfg: ClientConfig, options: &DispatcherOptions) -> Result<Self, ClientError> {
         let (tx, rx) = mpsc::unbounded_channel();
+        let dirty = Dirty::default();
         let context = CoreContext {
-            consumer: OnceLock::new(),
             changes: tx,
+            dirty: Arc::clone(&dirty),
+            committing: AtomicBool::new(false),
         };
-        let consumer: StreamConsumer<CoreContext> = dispatcher_config(&mut cfg, options)
+        let fetch_cfg = fetcher_config(&mut cfg, options);
+        let member: StreamConsumer<CoreContext> = dispatcher_config(&mut cfg, options)
             .create_with_context(context)
             .map_err(|e| ClientError::Kafka(e.to_string()))?;
-        let consumer = Arc::new(consumer);
-        let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
         Ok(Dispatcher {
-            consumer,
+            member: Arc::new(member),
             changes: Mutex::new(Some(rx)),
+            dirty,
+            fetch_cfg,
             max_in_flight: options.max_in_flight.max(1),
+            max_active: options.max_active.max(1),
+            idle_check: options.idle_check.max(Duration::from_millis(50)),
+            quiet: (options.fetch_wait * 2).max(Duration::from_secs(1)),
+            hints: Mutex::new(None),
         })
     }
 
     /// Subscribes to these topics (names or `^`-patterns), replacing the current subscription.
     pub fn subscribe(&self, topics: &[&str]) -> Result<(), ClientError> {
-        self.consumer
+        self.member
             .subscribe(topics)
             .map_err(|e| ClientError::Kafka(e.to_string()))
     }
 
-    pub fn consumer(&self) -> &Arc<StreamConsumer<CoreContext>> {
-        &self.consumer
+    /// Names of topics this instance just wrote to: their parked partitions are fetched at once
+    /// instead of at the next end-offset reading.
+    pub fn hints(&self, topics: broadcast::Receiver<Arc<str>>) {
+        *self.hints.lock().unwrap_or_else(|e| e.into_inner()) = Some(topics);
     }
 
     /// Handles records until `stop` fires; then lets running attempts finish (waits end at
@@ -600,15 +1073,34 @@ impl Dispatcher {
             .unwrap_or_else(|e| e.into_inner())
             .take()
             .ok_or_else(|| ClientError::Invalid("the consumer is already running".into()))?;
+        let mut hints = self.hints.lock().unwrap_or_else(|e| e.into_inner()).take();
         let stats = &pipeline.stats;
         let (tx, mut records) = mpsc::unbounded_channel::<Admitted>();
-        let mut parts: HashMap<(String, i32), Part> = HashMap::new();
+        let (lookups_tx, mut lookups) = mpsc::unbounded_channel::<Lookup>();
+        let mut book = Book {
+            held: HashMap::new(),
+            by_topic: HashMap::new(),
+            fetchers: BTreeMap::new(),
+            next_fetcher: 0,
+            generation: 0,
+            dispatcher: self,
+            stats,
+            records: tx,
+            stop,
+        };
         // Slots with a running record, each with the records waiting behind it.
         let mut slots: HashMap<Slot, VecDeque<Admitted>> = HashMap::new();
         let mut running = FuturesUnordered::new();
-        let mut generation = 0u64;
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // As librdkafka's auto-commit did: every commit a group coordinator refuses while it
+        // rebalances (tansu answers UNKNOWN_MEMBER_ID then) makes librdkafka drop its member id
+        // and rejoin as a new member, so commits are not made more often than this.
+        let mut commit_tick = tokio::time::interval(COMMIT_EVERY);
+        commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut check = tokio::time::interval(self.idle_check);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut lookups_state = Lookups::default();
         let mut stopping = false;
 
         let start = |adm: Admitted, (cancel, retrying): (CancellationToken, Arc<AtomicUsize>)| async move {
@@ -625,53 +1117,36 @@ impl Dispatcher {
             tokio::select! {
                 _ = stop.cancelled(), if !stopping => {
                     stopping = true;
-                    for part in parts.values() {
-                        part.cancel.cancel();
-                        if let Some(reader) = &part.reader {
-                            reader.abort();
-                        }
-                    }
+                    book.close();
                     for waiting in slots.values_mut() {
                         waiting.clear();
                     }
                     while records.try_recv().is_ok() {}
                 }
                 Some((adm, outcome)) = next_finished(&mut running), if !running.is_empty() => {
-                    let current = parts
-                        .get_mut(&adm.partition())
-                        .filter(|p| p.generation == adm.generation);
-                    match (outcome, current) {
-                        (Outcome::Finished, Some(part)) => {
-                            stats.finished.fetch_add(1, Ordering::Relaxed);
-                            if let Some(position) = part.offsets.finish(adm.msg.offset()) {
-                                let mut tpl = TopicPartitionList::new();
-                                let stored = tpl
-                                    .add_partition_offset(adm.msg.topic(), adm.msg.partition(), Offset::Offset(position))
-                                    .and_then(|()| self.consumer.store_offsets(&tpl));
-                                // Fails only for a partition no longer assigned: its new owner
-                                // starts from the last commit.
-                                if let Err(e) = stored {
-                                    tracing::debug!(error = %e, "offset not stored");
-                                }
+                    if matches!(outcome, Outcome::Finished) {
+                        stats.finished.fetch_add(1, Ordering::Relaxed);
+                        let tp = adm.partition();
+                        let moved = book.part(&adm).and_then(|part| part.offsets.finish(adm.msg.offset()));
+                        if let Some(position) = moved {
+                            if let Some(h) = book.held.get_mut(&tp) {
+                                h.position = Some(position);
                             }
+                            self.dirty.lock().unwrap_or_else(|e| e.into_inner()).insert(tp, position);
                         }
-                        (Outcome::Finished, None) => {
-                            stats.finished.fetch_add(1, Ordering::Relaxed);
-                        }
-                        (Outcome::Abandoned, _) => {}
                     }
                     if let Some(slot) = adm.slot() {
                         let waiting = slots.get_mut(&slot);
                         let next = waiting.and_then(|w| loop {
                             match w.pop_front() {
-                                Some(n) if parts.get(&n.partition()).is_some_and(|p| p.generation == n.generation) => break Some(n),
-                                Some(_) => continue, // of a revoked assignment: dropped
+                                Some(n) if book.part(&n).is_some() => break Some(n),
+                                Some(_) => continue, // of a partition no longer fetched: dropped
                                 None => break None,
                             }
                         });
                         match next {
                             Some(n) if !stopping => {
-                                let handles = handles(&parts, &n);
+                                let handles = handles(&book, &n);
                                 running.push(start(n, handles));
                             }
                             _ => {
@@ -680,98 +1155,248 @@ impl Dispatcher {
                         }
                     }
                 }
-                Some(change) = changes.recv() => match change {
-                    Change::Assigned(queues) => {
-                        for (topic, partition, queue) in queues {
-                            generation += 1;
-                            let window = Arc::new(Semaphore::new(self.max_in_flight));
-                            let reader = (!stopping).then(|| tokio::spawn(read(
-                                queue,
-                                Arc::clone(&window),
-                                generation,
-                                tx.clone(),
-                                Arc::clone(stats),
-                            )));
-                            tracing::debug!(%topic, partition, "partition assigned");
-                            parts.insert((topic, partition), Part {
-                                generation,
-                                reader,
-                                cancel: stop.child_token(),
-                                window,
-                                offsets: OffsetTracker::default(),
-                                retrying: Arc::default(),
-                            });
+                Some(change) = changes.recv() => {
+                    match change {
+                        Change::Owned(list) => {
+                            book.own(list);
+                            lookups_state.kick(self, &book, &lookups_tx);
                         }
-                        stats.assigned_partitions.store(parts.len(), Ordering::Relaxed);
+                        Change::Disowned(list) => {
+                            book.disown(list);
+                            for waiting in slots.values_mut() {
+                                waiting.retain(|a| book.part(a).is_some());
+                            }
+                        }
                     }
-                    Change::Revoked(revoked) => {
-                        for tp in &revoked {
-                            tracing::debug!(topic = %tp.0, partition = tp.1, "partition revoked");
-                            parts.remove(tp);
+                }
+                Some(lookup) = lookups.recv() => {
+                    match lookup {
+                        Lookup::Positions(known) => {
+                            lookups_state.positions = false;
+                            book.positions(known);
+                            // Whether they have records is the next question.
+                            lookups_state.ends_wanted = true;
                         }
-                        for waiting in slots.values_mut() {
-                            waiting.retain(|a| parts.get(&a.partition()).is_some_and(|p| p.generation == a.generation));
+                        Lookup::Ends(ends) => {
+                            lookups_state.ends = false;
+                            book.ends(ends);
+                            if !stopping {
+                                book.activate();
+                            }
                         }
-                        stats.assigned_partitions.store(parts.len(), Ordering::Relaxed);
+                        Lookup::Failed(what, e) => {
+                            match what {
+                                "positions" => lookups_state.positions = false,
+                                _ => lookups_state.ends = false,
+                            }
+                            tracing::debug!(error = %e, "{what} not read");
+                        }
                     }
+                    if !stopping {
+                        lookups_state.kick(self, &book, &lookups_tx);
+                    }
+                }
+                hint = next_hint(&mut hints), if hints.is_some() && !stopping => match hint {
+                    Ok(topic) => {
+                        if book.hint(&topic) {
+                            book.activate();
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => hints = None,
                 },
                 Some(adm) = records.recv(), if !stopping => {
-                    let Some(part) = parts
-                        .get_mut(&adm.partition())
-                        .filter(|p| p.generation == adm.generation)
-                    else {
-                        continue; // of a revoked assignment
+                    let Some(part) = book.part(&adm) else {
+                        continue; // of a partition no longer fetched
                     };
+                    part.last_record = Instant::now();
                     part.offsets.seen(adm.msg.offset(), adm.msg.timestamp().to_millis());
                     if let Some(adm) = queue_or_start(adm, &mut slots) {
-                        let handles = handles(&parts, &adm);
+                        let handles = handles(&book, &adm);
                         running.push(start(adm, handles));
                     }
                 }
-                received = self.consumer.recv(), if !stopping => match received {
-                    // Only a partition whose queue could not be split sends records here.
-                    Ok(msg) => {
-                        let msg = msg.detach();
-                        let tp = (msg.topic().to_owned(), msg.partition());
-                        let part = parts.entry(tp).or_insert_with(|| {
-                            generation += 1;
-                            Part {
-                                generation,
-                                reader: None,
-                                cancel: stop.child_token(),
-                                window: Arc::new(Semaphore::new(self.max_in_flight)),
-                                offsets: OffsetTracker::default(),
-                                retrying: Arc::default(),
-                            }
-                        });
-                        part.offsets.seen(msg.offset(), msg.timestamp().to_millis());
-                        let adm = Admitted::new(msg, part.generation, None, stats);
-                        if let Some(adm) = queue_or_start(adm, &mut slots) {
-                            let handles = handles(&parts, &adm);
-                            running.push(start(adm, handles));
-                        }
+                // Drives the rebalance callback; the member fetches nothing itself.
+                received = self.member.recv(), if !stopping => {
+                    if let Err(e) = received {
+                        tracing::warn!(error = %e, "consumer error");
                     }
-                    Err(e) => tracing::warn!(error = %e, "consumer error"),
-                },
-                // Also makes the loop poll the consumer queue at least once a second.
-                _ = tick.tick() => refresh(stats, &parts),
+                }
+                _ = check.tick(), if !stopping => {
+                    lookups_state.ends_wanted = true;
+                    lookups_state.kick(self, &book, &lookups_tx);
+                }
+                _ = commit_tick.tick() => commit_in_background(&self.member),
+                // Also makes the loop poll the member's queue at least twice a second.
+                _ = tick.tick() => {
+                    if !stopping {
+                        book.park();
+                        book.activate();
+                    }
+                    refresh(stats, &book.held);
+                }
             }
         }
-        refresh(stats, &parts);
-        if let Err(e) = self.consumer.commit_consumer_state(CommitMode::Sync) {
-            tracing::debug!(error = %e, "final commit");
-        }
-        // The readers own the partition queues (and so references to the consumer): let them
-        // go before returning, so that dropping the consumer leaves the group at once.
-        for part in parts.values_mut() {
-            if let Some(reader) = part.reader.take() {
-                reader.abort();
-                let _ = reader.await;
-            }
-        }
-        drop(parts);
+        refresh(stats, &book.held);
+        let all: Vec<(String, i32)> = self
+            .dirty
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        self.member.context().commit(&*self.member, Some(&all));
+        book.close();
+        drop(book);
         *self.changes.lock().unwrap_or_else(|e| e.into_inner()) = Some(changes);
         Ok(())
+    }
+}
+
+/// Commits what is finished, off the dispatcher's loop, unless a commit is on its way.
+fn commit_in_background(member: &Arc<StreamConsumer<CoreContext>>) {
+    let context = member.context();
+    if context
+        .dirty
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .is_empty()
+        || context.committing.swap(true, Ordering::AcqRel)
+    {
+        return;
+    }
+    let member = Arc::clone(member);
+    tokio::task::spawn_blocking(move || {
+        member.context().commit(&*member, None);
+        member.context().committing.store(false, Ordering::Release);
+    });
+}
+
+/// Which offset lookups are running, and whether end offsets are wanted again.
+#[derive(Default)]
+struct Lookups {
+    positions: bool,
+    ends: bool,
+    ends_wanted: bool,
+}
+
+impl Lookups {
+    /// Starts the lookups that are due and not running: positions of partitions that have
+    /// none, end offsets of all when wanted.
+    fn kick(
+        &mut self,
+        dispatcher: &Dispatcher,
+        book: &Book<'_>,
+        tx: &mpsc::UnboundedSender<Lookup>,
+    ) {
+        if !self.positions {
+            let unknown = book.unknown();
+            if !unknown.is_empty() {
+                self.positions = true;
+                spawn_lookup(&dispatcher.member, tx, "positions", move |c| {
+                    positions(c, &unknown).map(Lookup::Positions)
+                });
+            }
+        }
+        if self.ends_wanted && !self.ends && !book.held.is_empty() {
+            self.ends = true;
+            self.ends_wanted = false;
+            let all: Vec<(String, i32)> = book.held.keys().cloned().collect();
+            spawn_lookup(&dispatcher.member, tx, "end offsets", move |c| {
+                ends(c, &all).map(Lookup::Ends)
+            });
+        }
+    }
+}
+
+/// Runs an offset lookup off the dispatcher's loop (broker round trips block).
+fn spawn_lookup<F>(
+    member: &Arc<StreamConsumer<CoreContext>>,
+    tx: &mpsc::UnboundedSender<Lookup>,
+    what: &'static str,
+    f: F,
+) where
+    F: FnOnce(&StreamConsumer<CoreContext>) -> KafkaResult<Lookup> + Send + 'static,
+{
+    let (member, tx) = (Arc::clone(member), tx.clone());
+    tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let answer = f(&member).unwrap_or_else(|e| Lookup::Failed(what, e.to_string()));
+        let found = match &answer {
+            Lookup::Positions(v) | Lookup::Ends(v) => v.len(),
+            Lookup::Failed(..) => 0,
+        };
+        tracing::debug!(
+            what,
+            found,
+            took_ms = started.elapsed().as_millis() as u64,
+            "offsets read"
+        );
+        let _ = tx.send(answer);
+    });
+}
+
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where fetching of these partitions starts: the group's committed offset, or the earliest
+/// offset where the group has none.
+fn positions<C: ConsumerContext>(
+    c: &StreamConsumer<C>,
+    tps: &[(String, i32)],
+) -> KafkaResult<Vec<((String, i32), i64)>> {
+    let mut tpl = TopicPartitionList::with_capacity(tps.len());
+    for (t, p) in tps {
+        tpl.add_partition(t, *p);
+    }
+    let committed = c.committed_offsets(tpl, LOOKUP_TIMEOUT)?;
+    let mut out = Vec::with_capacity(tps.len());
+    let mut none = TopicPartitionList::new();
+    for e in committed.elements() {
+        match (e.offset(), e.error()) {
+            // Not answered: asked again later.
+            (_, Err(_)) => {}
+            (Offset::Offset(o), Ok(())) => out.push(((e.topic().to_owned(), e.partition()), o)),
+            (_, Ok(())) => {
+                none.add_partition_offset(e.topic(), e.partition(), Offset::Beginning)?;
+            }
+        }
+    }
+    if none.count() > 0 {
+        // `Offset::Beginning` is ListOffsets' "earliest" (-2).
+        for e in c.offsets_for_times(none, LOOKUP_TIMEOUT)?.elements() {
+            if let (Offset::Offset(o), Ok(())) = (e.offset(), e.error()) {
+                out.push(((e.topic().to_owned(), e.partition()), o));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The end offsets of these partitions, in one ListOffsets request per broker ("latest", -1).
+fn ends<C: ConsumerContext>(
+    c: &StreamConsumer<C>,
+    tps: &[(String, i32)],
+) -> KafkaResult<Vec<((String, i32), i64)>> {
+    let mut tpl = TopicPartitionList::with_capacity(tps.len());
+    for (t, p) in tps {
+        tpl.add_partition_offset(t, *p, Offset::End)?;
+    }
+    Ok(c.offsets_for_times(tpl, LOOKUP_TIMEOUT)?
+        .elements()
+        .iter()
+        .filter_map(|e| match (e.offset(), e.error()) {
+            (Offset::Offset(o), Ok(())) => Some(((e.topic().to_owned(), e.partition()), o)),
+            _ => None,
+        })
+        .collect())
+}
+
+async fn next_hint(
+    hints: &mut Option<broadcast::Receiver<Arc<str>>>,
+) -> Result<Arc<str>, broadcast::error::RecvError> {
+    match hints {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -803,14 +1428,13 @@ fn queue_or_start(
 }
 
 /// What a record's processing needs of its partition: the token that abandons it, and the
-/// partition's count of records waiting for a retry. A record of a partition no longer assigned
+/// partition's count of records waiting for a retry. A record of a partition no longer fetched
 /// gets a cancelled token.
-fn handles(
-    parts: &HashMap<(String, i32), Part>,
-    adm: &Admitted,
-) -> (CancellationToken, Arc<AtomicUsize>) {
-    match parts
+fn handles(book: &Book<'_>, adm: &Admitted) -> (CancellationToken, Arc<AtomicUsize>) {
+    match book
+        .held
         .get(&adm.partition())
+        .and_then(|h| h.active.as_ref())
         .filter(|p| p.generation == adm.generation)
     {
         Some(p) => (p.cancel.clone(), Arc::clone(&p.retrying)),
@@ -823,16 +1447,15 @@ fn handles(
 }
 
 /// The gauges computed from the partitions.
-fn refresh(stats: &Stats, parts: &HashMap<(String, i32), Part>) {
-    let paused = parts
-        .values()
+fn refresh(stats: &Stats, held: &HashMap<(String, i32), Held>) {
+    let parts = || held.values().filter_map(|h| h.active.as_ref());
+    let paused = parts()
         .filter(|p| p.window.available_permits() == 0)
         .count();
-    let retrying = parts
-        .values()
+    let retrying = parts()
         .filter(|p| p.retrying.load(Ordering::Relaxed) > 0)
         .count();
-    let oldest = parts.values().filter_map(|p| p.offsets.oldest()).min();
+    let oldest = parts().filter_map(|p| p.offsets.oldest()).min();
     stats.paused_partitions.store(paused, Ordering::Relaxed);
     stats.retrying_partitions.store(retrying, Ordering::Relaxed);
     stats
@@ -841,8 +1464,8 @@ fn refresh(stats: &Stats, parts: &HashMap<(String, i32), Part>) {
 }
 
 /// Reads one partition's queue while its window has room.
-async fn read(
-    queue: StreamPartitionQueue<CoreContext>,
+async fn read<C: ConsumerContext + 'static>(
+    queue: StreamPartitionQueue<C>,
     window: Arc<Semaphore>,
     generation: u64,
     tx: mpsc::UnboundedSender<Admitted>,

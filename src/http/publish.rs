@@ -152,6 +152,7 @@ async fn publish(
     match sent {
         Ok((partition, offset)) => {
             tracing::debug!(%tenant, event_id = %event.id.0, %topic, partition, offset, "event published");
+            state.engine.published(topic.as_str());
             audit.record(AuditState::Published, None).await;
             state
                 .metrics
