@@ -45,6 +45,8 @@ pub struct Metrics {
     pub retrying: Family<ModuleLabels, Gauge>,
     /// Partitions of the module's topics this instance holds.
     pub assigned_partitions: Family<ModuleLabels, Gauge>,
+    /// Of those, the partitions being fetched (the others are parked).
+    pub active_partitions: Family<ModuleLabels, Gauge>,
     /// Partitions holding a full window (not read until a record finishes).
     pub paused_partitions: Family<ModuleLabels, Gauge>,
     /// Partitions with a record waiting for its next attempt.
@@ -78,6 +80,7 @@ impl Default for Metrics {
             in_flight: Family::default(),
             retrying: Family::default(),
             assigned_partitions: Family::default(),
+            active_partitions: Family::default(),
             paused_partitions: Family::default(),
             retrying_partitions: Family::default(),
             oldest_unfinished: Family::default(),
@@ -146,6 +149,11 @@ impl Default for Metrics {
                 m.assigned_partitions.clone(),
             );
             r.register(
+                "delivery_active_partitions",
+                "Partitions this instance fetches (the others of its share are parked: nothing to deliver), per subscriber module",
+                m.active_partitions.clone(),
+            );
+            r.register(
                 "delivery_paused_partitions",
                 "Partitions whose in-flight window is full, per subscriber module",
                 m.paused_partitions.clone(),
@@ -194,6 +202,10 @@ impl Metrics {
             stats.assigned_partitions.load(Relaxed),
         );
         int(
+            &self.active_partitions,
+            stats.active_partitions.load(Relaxed),
+        );
+        int(
             &self.paused_partitions,
             stats.paused_partitions.load(Relaxed),
         );
@@ -216,6 +228,7 @@ impl Metrics {
         self.in_flight.remove(labels);
         self.retrying.remove(labels);
         self.assigned_partitions.remove(labels);
+        self.active_partitions.remove(labels);
         self.paused_partitions.remove(labels);
         self.retrying_partitions.remove(labels);
         self.oldest_unfinished.remove(labels);

@@ -3,28 +3,57 @@
 //! retry scheduling and dead-lettering. Its users add only what one attempt does (a callback
 //! through Okapi, or the application's handler) and what they record about it.
 //!
+//! # Which partitions are fetched
+//!
+//! A module in 1,000 tenants subscribes to 8,000 partitions, and librdkafka holds about 9 KiB and
+//! a share of its broker thread's work for every partition a consumer fetches (measured: 70 MiB
+//! and most of an idle core at 8,000), however idle. So the group's share and the fetching are
+//! split:
+//!
+//! * The **group member** (one consumer per module) only keeps the membership and commits: the
+//!   rebalance callback records which partitions the group gives this instance and completes
+//!   the rebalance with an empty librdkafka assignment.
+//! * A partition of the share is **parked** until it has work: its position (the committed
+//!   offset, or the earliest offset where the group has none) is read when it is given, and the
+//!   end offsets of all of them are read together (one ListOffsets per broker) every
+//!   `idle_check`. A parked partition whose end offset passes its position, or that the HTTP
+//!   publish path of this instance has just written to, becomes **active**: a **fetcher** (a
+//!   consumer that never joins the group) is given it at its position. At most `max_active`
+//!   partitions are active at once, the longest waiting first.
+//! * An active partition goes back to parked when nothing of it is unfinished, no record came for
+//!   100 ms (its reader is not in the middle of a batch), and it is at its end offset while others
+//!   wait for a slot (or after 30 s without a record). Records that arrive after the end offset
+//!   was read are found by the next reading: nothing is skipped, the partition is fetched again.
+//! * librdkafka keeps the objects of every topic a client has fetched until the client goes, so a
+//!   fetcher that has fetched `2 x max_active` topics retires: it takes nothing new, its
+//!   partitions move to a new fetcher as they drain, and it is closed when it holds none (a fetcher
+//!   with nothing active for a minute is closed too). What the instance holds in librdkafka is
+//!   bounded by `max_active`, not by the number of tenants.
+//!
 //! # How records flow
 //!
-//! * Every assigned partition gets its own librdkafka queue (split off the consumer queue in the
-//!   rebalance callback, before fetching starts) and a reader task. A reader takes a record only
-//!   while its partition holds fewer than `max_in_flight` unfinished records, so a partition whose
-//!   records fail or are slow stops being read, and librdkafka stops fetching it once its own
-//!   per-partition queue is full (`queued.min.messages`, `queued.max.messages.kbytes`). Other
-//!   partitions (other tenants and event types: topics are per tenant and event type) are read
-//!   as before: no pause, no seek, no head-of-line blocking across partitions.
+//! * Every active partition gets its own librdkafka queue (split off the fetcher's queue before
+//!   fetching starts) and a reader task. A reader takes a record only while its partition holds
+//!   fewer than `max_in_flight` unfinished records, so a partition whose records fail or are slow
+//!   stops being read, and librdkafka stops fetching it once its own per-partition queue is full
+//!   (`queued.min.messages`, `queued.max.messages.kbytes`). Other partitions (other tenants and
+//!   event types: topics are per tenant and event type) are read as before: no pause, no seek, no
+//!   head-of-line blocking across partitions.
 //! * At most `max_in_flight` attempts run at once across all partitions (a semaphore); a record
 //!   waiting for its next attempt holds no such permit and no task, only its place in its
 //!   partition's window.
 //! * Records with the same key in a partition run one after another, in offset order, retries
 //!   included; records with other keys go on meanwhile.
-//! * A partition's offset is stored only up to its oldest unfinished record and committed every
-//!   500 ms by librdkafka (and at the end of [`Dispatcher::run`]): at least once.
-//! * The consumer queue itself is polled continuously (rebalances, errors, and librdkafka's
+//! * A partition's position moves only up to its oldest unfinished record; positions are
+//!   committed through the group member every 500 ms (a commit the coordinator refuses is kept
+//!   for the next one), before partitions are revoked, and at the end of [`Dispatcher::run`]: at
+//!   least once.
+//! * The member's queue is polled continuously (rebalances, errors, and librdkafka's
 //!   `max.poll.interval.ms` liveness check), whatever the handlers do, so the group's rebalance
 //!   timeout can be short and a crashed member is replaced within the session timeout.
-//! * On revocation (another member takes the partition) or stop, waits end at once and their
-//!   records are abandoned; attempts that are running finish, but nothing more is committed for a
-//!   revoked partition: its new owner starts from the last commit.
+//! * On revocation (another member takes the partition), parking or stop, waits end at once and
+//!   their records are abandoned; attempts that are running finish, but nothing more is
+//!   committed for a revoked partition: its new owner starts from the last commit.
 
 // Parts only the delivery engine uses (the server feature).
 #![cfg_attr(not(feature = "server"), allow(dead_code))]
@@ -519,6 +548,10 @@ pub(crate) const DEFAULT_IDLE_CHECK: Duration = Duration::from_secs(1);
 /// An active partition with nothing unfinished and no new record for this long goes back to
 /// parked (sooner when other partitions wait for a fetch slot; see [`Book::park`]).
 const LINGER: Duration = Duration::from_secs(30);
+/// An active partition that received a record this recently is not parked: its reader may be
+/// taking the next record of a batch from librdkafka's queue (parked there, it would be fetched
+/// again from the middle of the batch, which tansu does not answer).
+const QUIET: Duration = Duration::from_millis(100);
 /// How often finished positions are committed.
 const COMMIT_EVERY: Duration = Duration::from_millis(500);
 /// A fetcher with no active partition for this long is closed (its threads and connection go).
@@ -557,7 +590,11 @@ pub(crate) fn dispatcher_config<'a>(
 /// fetching starts), so librdkafka's queue limits apply per partition: fetching a partition
 /// that is not being read stops at 1,000 records or 1 MiB (plus one fetch response of at most
 /// `fetch.message.max.bytes`, 1 MiB by default); a partition below them is fetched again after
-/// 10 ms (librdkafka's default of 1 s stalls a fast partition that was drained).
+/// 10 ms (librdkafka's default of 1 s stalls a fast partition that was drained). Its metadata is
+/// refreshed at librdkafka's default interval (5 minutes; a leader change shows in fetch errors,
+/// which refresh it at once): the group member already refreshes the same topics often, and
+/// every refresh of thousands of topics costs allocations (heaptrack: metadata was 64 of 83 MiB
+/// of heap at 8,000 topics).
 fn fetcher_config(cfg: &mut ClientConfig, options: &DispatcherOptions) -> ClientConfig {
     let mut cfg = cfg.clone();
     cfg.set("group.id", format!("{}.fetcher", options.group))
@@ -570,11 +607,7 @@ fn fetcher_config(cfg: &mut ClientConfig, options: &DispatcherOptions) -> Client
         )
         .set("queued.min.messages", "1000")
         .set("queued.max.messages.kbytes", "1024")
-        .set("fetch.queue.backoff.ms", "10")
-        .set(
-            "topic.metadata.refresh.interval.ms",
-            options.metadata_refresh.as_millis().to_string(),
-        );
+        .set("fetch.queue.backoff.ms", "10");
     cfg
 }
 
@@ -587,9 +620,6 @@ pub(crate) struct Dispatcher {
     max_in_flight: usize,
     max_active: usize,
     idle_check: Duration,
-    /// Records are fetched again this long after the last one before a partition counts as
-    /// drained.
-    quiet: Duration,
     hints: Mutex<Option<broadcast::Receiver<Arc<str>>>>,
 }
 
@@ -967,7 +997,7 @@ impl Book<'_> {
     /// their fetcher retires, or they are at their end offset and other partitions wait for a
     /// slot or nothing came for [`LINGER`]. Closes fetchers left with nothing to fetch.
     fn park(&mut self) {
-        let quiet = self.dispatcher.quiet;
+        let quiet = QUIET;
         let waiting = self
             .held
             .values()
@@ -1041,7 +1071,6 @@ impl Dispatcher {
             max_in_flight: options.max_in_flight.max(1),
             max_active: options.max_active.max(1),
             idle_check: options.idle_check.max(Duration::from_millis(50)),
-            quiet: (options.fetch_wait * 2).max(Duration::from_secs(1)),
             hints: Mutex::new(None),
         })
     }
@@ -1091,7 +1120,7 @@ impl Dispatcher {
         // Slots with a running record, each with the records waiting behind it.
         let mut slots: HashMap<Slot, VecDeque<Admitted>> = HashMap::new();
         let mut running = FuturesUnordered::new();
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // As librdkafka's auto-commit did: every commit a group coordinator refuses while it
         // rebalances (tansu answers UNKNOWN_MEMBER_ID then) makes librdkafka drop its member id
@@ -1227,7 +1256,7 @@ impl Dispatcher {
                     lookups_state.kick(self, &book, &lookups_tx);
                 }
                 _ = commit_tick.tick() => commit_in_background(&self.member),
-                // Also makes the loop poll the member's queue at least twice a second.
+                // Also makes the loop poll the member's queue at least four times a second.
                 _ = tick.tick() => {
                     if !stopping {
                         book.park();
@@ -1338,57 +1367,65 @@ fn spawn_lookup<F>(
 
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Partitions per offset request. librdkafka matches a request's answers to its partitions by
+/// a linear search of the list (`rd_kafka_topic_partition_list_update`), so one request for
+/// 8,000 partitions costs 32 million comparisons; sixteen of 500 cost 2 million.
+const LOOKUP_CHUNK: usize = 500;
+
 /// Where fetching of these partitions starts: the group's committed offset, or the earliest
 /// offset where the group has none.
 fn positions<C: ConsumerContext>(
     c: &StreamConsumer<C>,
     tps: &[(String, i32)],
 ) -> KafkaResult<Vec<((String, i32), i64)>> {
-    let mut tpl = TopicPartitionList::with_capacity(tps.len());
-    for (t, p) in tps {
-        tpl.add_partition(t, *p);
-    }
-    let committed = c.committed_offsets(tpl, LOOKUP_TIMEOUT)?;
     let mut out = Vec::with_capacity(tps.len());
-    let mut none = TopicPartitionList::new();
-    for e in committed.elements() {
-        match (e.offset(), e.error()) {
-            // Not answered: asked again later.
-            (_, Err(_)) => {}
-            (Offset::Offset(o), Ok(())) => out.push(((e.topic().to_owned(), e.partition()), o)),
-            (_, Ok(())) => {
-                none.add_partition_offset(e.topic(), e.partition(), Offset::Beginning)?;
+    for chunk in tps.chunks(LOOKUP_CHUNK) {
+        let mut tpl = TopicPartitionList::with_capacity(chunk.len());
+        for (t, p) in chunk {
+            tpl.add_partition(t, *p);
+        }
+        let committed = c.committed_offsets(tpl, LOOKUP_TIMEOUT)?;
+        let mut none = TopicPartitionList::new();
+        for e in committed.elements() {
+            match (e.offset(), e.error()) {
+                // Not answered: asked again later.
+                (_, Err(_)) => {}
+                (Offset::Offset(o), Ok(())) => out.push(((e.topic().to_owned(), e.partition()), o)),
+                (_, Ok(())) => {
+                    none.add_partition_offset(e.topic(), e.partition(), Offset::Beginning)?;
+                }
             }
         }
-    }
-    if none.count() > 0 {
-        // `Offset::Beginning` is ListOffsets' "earliest" (-2).
-        for e in c.offsets_for_times(none, LOOKUP_TIMEOUT)?.elements() {
-            if let (Offset::Offset(o), Ok(())) = (e.offset(), e.error()) {
-                out.push(((e.topic().to_owned(), e.partition()), o));
+        if none.count() > 0 {
+            // `Offset::Beginning` is ListOffsets' "earliest" (-2).
+            for e in c.offsets_for_times(none, LOOKUP_TIMEOUT)?.elements() {
+                if let (Offset::Offset(o), Ok(())) = (e.offset(), e.error()) {
+                    out.push(((e.topic().to_owned(), e.partition()), o));
+                }
             }
         }
     }
     Ok(out)
 }
 
-/// The end offsets of these partitions, in one ListOffsets request per broker ("latest", -1).
+/// The end offsets of these partitions ("latest", -1).
 fn ends<C: ConsumerContext>(
     c: &StreamConsumer<C>,
     tps: &[(String, i32)],
 ) -> KafkaResult<Vec<((String, i32), i64)>> {
-    let mut tpl = TopicPartitionList::with_capacity(tps.len());
-    for (t, p) in tps {
-        tpl.add_partition_offset(t, *p, Offset::End)?;
+    let mut out = Vec::with_capacity(tps.len());
+    for chunk in tps.chunks(LOOKUP_CHUNK) {
+        let mut tpl = TopicPartitionList::with_capacity(chunk.len());
+        for (t, p) in chunk {
+            tpl.add_partition_offset(t, *p, Offset::End)?;
+        }
+        for e in c.offsets_for_times(tpl, LOOKUP_TIMEOUT)?.elements() {
+            if let (Offset::Offset(o), Ok(())) = (e.offset(), e.error()) {
+                out.push(((e.topic().to_owned(), e.partition()), o));
+            }
+        }
     }
-    Ok(c.offsets_for_times(tpl, LOOKUP_TIMEOUT)?
-        .elements()
-        .iter()
-        .filter_map(|e| match (e.offset(), e.error()) {
-            (Offset::Offset(o), Ok(())) => Some(((e.topic().to_owned(), e.partition()), o)),
-            _ => None,
-        })
-        .collect())
+    Ok(out)
 }
 
 async fn next_hint(

@@ -20,6 +20,7 @@ mod java_database;
 mod kafka_outage;
 mod kafka_util;
 mod openapi;
+mod parking;
 mod publish;
 mod publishers;
 mod subscribers;
