@@ -839,7 +839,8 @@ impl Book<'_> {
         }
     }
 
-    /// Takes the end offsets read; returns the lag (records not finished).
+    /// Takes the end offsets read: marks parked partitions with records as waiting, and sets
+    /// the lag (records not finished).
     fn ends(&mut self, ends: Vec<((String, i32), i64)>) {
         let now = Instant::now();
         for (tp, end) in ends {
@@ -1398,11 +1399,7 @@ fn positions<C: ConsumerContext>(
         }
         if none.count() > 0 {
             // `Offset::Beginning` is ListOffsets' "earliest" (-2).
-            for e in c.offsets_for_times(none, LOOKUP_TIMEOUT)?.elements() {
-                if let (Offset::Offset(o), Ok(())) = (e.offset(), e.error()) {
-                    out.push(((e.topic().to_owned(), e.partition()), o));
-                }
-            }
+            list_offsets(c, none, &mut out)?;
         }
     }
     Ok(out)
@@ -1419,13 +1416,24 @@ fn ends<C: ConsumerContext>(
         for (t, p) in chunk {
             tpl.add_partition_offset(t, *p, Offset::End)?;
         }
-        for e in c.offsets_for_times(tpl, LOOKUP_TIMEOUT)?.elements() {
-            if let (Offset::Offset(o), Ok(())) = (e.offset(), e.error()) {
-                out.push(((e.topic().to_owned(), e.partition()), o));
-            }
-        }
+        list_offsets(c, tpl, &mut out)?;
     }
     Ok(out)
+}
+
+/// Asks ListOffsets for `query` (offsets `Offset::End` or `Offset::Beginning`) and adds the
+/// partitions that were answered to `out`.
+fn list_offsets<C: ConsumerContext>(
+    c: &StreamConsumer<C>,
+    query: TopicPartitionList,
+    out: &mut Vec<((String, i32), i64)>,
+) -> KafkaResult<()> {
+    for e in c.offsets_for_times(query, LOOKUP_TIMEOUT)?.elements() {
+        if let (Offset::Offset(o), Ok(())) = (e.offset(), e.error()) {
+            out.push(((e.topic().to_owned(), e.partition()), o));
+        }
+    }
+    Ok(())
 }
 
 async fn next_hint(
