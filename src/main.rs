@@ -185,7 +185,7 @@ async fn migrate(config: Config, tenants: Vec<String>) -> anyhow::Result<()> {
     db::migrate_module(&config.db, mod_pubsub::DB_STARTUP_PATIENCE).await?;
     tracing::info!(schema = db::MODULE_SCHEMA, "module schema migrated");
     for tenant in tenants {
-        db::tenants::migrate(&config.db, &tenant).await?;
+        db::tenants::migrate(&config.db, &tenant, None).await?;
         tracing::info!(schema = tenant.schema_name(), "tenant schema migrated");
     }
     Ok(())

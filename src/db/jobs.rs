@@ -32,6 +32,14 @@ pub async fn insert(
     Ok(())
 }
 
+/// Whether job `id` still has its row (a purge deletes its tenant's jobs).
+pub async fn exists(conn: &mut sqlx::PgConnection, id: Uuid) -> sqlx::Result<bool> {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pubsub_config.tenant_job WHERE id = $1)")
+        .bind(id)
+        .fetch_one(conn)
+        .await
+}
+
 pub async fn finish(
     pool: &PgPool,
     id: Uuid,

@@ -22,6 +22,13 @@ pub static TENANT_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/tenant");
 
 pub const MODULE_SCHEMA: &str = "pubsub_config";
 
+/// Serialises the work that creates, migrates or drops one schema (concurrent `_tenant` calls
+/// for one tenant: an install racing a purge fails half-way, two `CREATE SCHEMA`s collide). The
+/// two-key form keeps these locks apart from sqlx's own single-key migration lock.
+const SCHEMA_LOCK: &str = "SELECT pg_advisory_lock(1836016482, hashtext($1))";
+/// [`SCHEMA_LOCK`] for the length of a transaction.
+const SCHEMA_XACT_LOCK: &str = "SELECT pg_advisory_xact_lock(1836016482, hashtext($1))";
+
 /// A pool that connects lazily: requests made while the database is down get 503 after
 /// `connect_timeout` instead of hanging.
 pub fn pool(cfg: &DbConfig) -> PgPool {
@@ -39,15 +46,36 @@ pub async fn migrate_schema(
     schema: &str,
     migrations: &Migrator,
 ) -> anyhow::Result<()> {
+    let mut conn = locked_schema_connection(cfg, schema).await?;
+    migrate_locked(&mut conn, schema, migrations).await?;
+    conn.close().await?;
+    Ok(())
+}
+
+/// A dedicated connection holding `schema`'s lock until it closes: a purge or another install
+/// of the same schema waits for it.
+async fn locked_schema_connection(cfg: &DbConfig, schema: &str) -> anyhow::Result<PgConnection> {
     let mut conn = PgConnection::connect_with(&cfg.connect_options()).await?;
-    sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
+    sqlx::query(SCHEMA_LOCK)
+        .bind(schema)
         .execute(&mut conn)
+        .await?;
+    Ok(conn)
+}
+
+/// The work of [`migrate_schema`] on a connection that holds the schema's lock.
+async fn migrate_locked(
+    conn: &mut PgConnection,
+    schema: &str,
+    migrations: &Migrator,
+) -> anyhow::Result<()> {
+    sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
+        .execute(&mut *conn)
         .await?;
     sqlx::query(&format!("SET search_path TO \"{schema}\""))
-        .execute(&mut conn)
+        .execute(&mut *conn)
         .await?;
-    migrations.run_direct(&mut conn).await?;
-    conn.close().await?;
+    migrations.run_direct(&mut *conn).await?;
     Ok(())
 }
 

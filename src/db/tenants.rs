@@ -1,13 +1,26 @@
 //! Tenant schemas `<tenant>_mod_pubsub`.
 
-use sqlx::PgPool;
+use sqlx::{Connection, PgPool};
+use uuid::Uuid;
 
 use crate::config::DbConfig;
 use crate::domain::TenantId;
 
-/// Creates or upgrades the tenant's schema.
-pub async fn migrate(cfg: &DbConfig, tenant: &TenantId) -> anyhow::Result<()> {
-    super::migrate_schema(cfg, &tenant.schema_name(), &super::TENANT_MIGRATIONS).await
+/// Creates or upgrades the tenant's schema, for install job `job` if given. Returns false, and
+/// does nothing, when that job's row is gone: a purge came after the job was started and before
+/// it got the schema's lock, and a purge has the last word.
+pub async fn migrate(cfg: &DbConfig, tenant: &TenantId, job: Option<Uuid>) -> anyhow::Result<bool> {
+    let schema = tenant.schema_name();
+    let mut conn = super::locked_schema_connection(cfg, &schema).await?;
+    if let Some(job) = job {
+        if !super::jobs::exists(&mut conn, job).await? {
+            conn.close().await?;
+            return Ok(false);
+        }
+    }
+    super::migrate_locked(&mut conn, &schema, &super::TENANT_MIGRATIONS).await?;
+    conn.close().await?;
+    Ok(true)
 }
 
 pub async fn schema_exists(pool: &PgPool, tenant: &TenantId) -> sqlx::Result<bool> {
@@ -20,6 +33,10 @@ pub async fn schema_exists(pool: &PgPool, tenant: &TenantId) -> sqlx::Result<boo
 /// Drops the tenant's schema and its registrations, in one transaction.
 pub async fn purge(pool: &PgPool, tenant: &TenantId) -> sqlx::Result<u64> {
     let mut tx = pool.begin().await?;
+    sqlx::query(super::SCHEMA_XACT_LOCK)
+        .bind(tenant.schema_name())
+        .execute(&mut *tx)
+        .await?;
     sqlx::query(&format!(
         "DROP SCHEMA IF EXISTS {} CASCADE",
         tenant.schema_ident()

@@ -272,8 +272,10 @@ impl Engine {
                     .filter(|x| x.name() == t)
                     .flat_map(|x| x.partitions())
                 {
+                    // Kafka reads negative times as special offsets; before 1970 means everything.
+                    let at = Offset::Offset(from.timestamp_millis().max(0));
                     by_time
-                        .add_partition_offset(&t, p.id(), Offset::Offset(from.timestamp_millis()))
+                        .add_partition_offset(&t, p.id(), at)
                         .map_err(|e| e.to_string())?;
                 }
                 let starts = c

@@ -175,7 +175,13 @@ struct OkapiHeaders {
 }
 
 async fn run_job(state: AppState, tenant: TenantId, id: Uuid, okapi: OkapiHeaders) {
-    let mut outcome = db::tenants::migrate(&state.config.db, &tenant).await;
+    let mut outcome = match db::tenants::migrate(&state.config.db, &tenant, Some(id)).await {
+        Ok(false) => {
+            tracing::info!(%tenant, job = %id, "tenant init job dropped: the tenant was purged before it started");
+            return;
+        }
+        other => other.map(|_| ()),
+    };
     if outcome.is_ok() {
         // Every instance learns that the tenant is enabled.
         outcome = crate::registry::notify(&state.pool, &tenant)
@@ -238,8 +244,10 @@ async fn run_job(state: AppState, tenant: TenantId, id: Uuid, okapi: OkapiHeader
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct WaitQuery {
-    /// Wait up to this many milliseconds (at most 600000) for the job to complete.
-    pub wait: Option<u64>,
+    /// Wait up to this many milliseconds for the job to complete; longer waits are cut to
+    /// 600000. Values outside int64 are a 400, not a silent cut.
+    #[param(minimum = 0)]
+    pub wait: Option<i64>,
 }
 
 const MAX_WAIT_MS: u64 = 600_000;
@@ -259,8 +267,15 @@ async fn get_job(
     Query(q): Query<WaitQuery>,
 ) -> AppResult<Json<TenantJob>> {
     let id = job_id(&id)?;
-    let deadline =
-        tokio::time::Instant::now() + Duration::from_millis(q.wait.unwrap_or(0).min(MAX_WAIT_MS));
+    let wait = match q.wait.unwrap_or(0) {
+        w if w < 0 => {
+            return Err(AppError::BadRequest(format!(
+                "wait must not be negative: {w}"
+            )))
+        }
+        w => w.unsigned_abs().min(MAX_WAIT_MS),
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(wait);
     loop {
         let job = db::jobs::find(&state.pool, id, &tenant)
             .await?

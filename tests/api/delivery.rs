@@ -633,6 +633,17 @@ async fn dead_letters_can_be_listed_redelivered_and_subscribers_replayed() {
     );
     let got = fake.wait_for("/flaky", 4, Duration::from_secs(20)).await;
     assert_eq!(got[3].headers["x-pubsub-event-id"], dead);
+    // From before 1970 (a negative time, which Kafka would read as a special offset): everything.
+    let r = app
+        .post_json(
+            "diku",
+            "/pubsub/subscribers/mod-sub-1.0.0/replay",
+            &serde_json::json!({"fromDate": "1900-01-01T00:00:00Z"}),
+        )
+        .await;
+    assert_eq!(r.status(), 202);
+    let got = fake.wait_for("/flaky", 5, Duration::from_secs(20)).await;
+    assert_eq!(got[4].headers["x-pubsub-event-id"], dead);
 
     // Bad requests.
     let r = app
