@@ -26,8 +26,6 @@ pub const MODULE_SCHEMA: &str = "pubsub_config";
 /// for one tenant: an install racing a purge fails half-way, two `CREATE SCHEMA`s collide). The
 /// two-key form keeps these locks apart from sqlx's own single-key migration lock.
 const SCHEMA_LOCK: &str = "SELECT pg_advisory_lock(1836016482, hashtext($1))";
-/// [`SCHEMA_LOCK`] for the length of a transaction.
-const SCHEMA_XACT_LOCK: &str = "SELECT pg_advisory_xact_lock(1836016482, hashtext($1))";
 
 /// A pool that connects lazily: requests made while the database is down get 503 after
 /// `connect_timeout` instead of hanging.
@@ -54,7 +52,7 @@ pub async fn migrate_schema(
 
 /// A dedicated connection holding `schema`'s lock until it closes: a purge or another install
 /// of the same schema waits for it.
-async fn locked_schema_connection(cfg: &DbConfig, schema: &str) -> anyhow::Result<PgConnection> {
+async fn locked_schema_connection(cfg: &DbConfig, schema: &str) -> sqlx::Result<PgConnection> {
     let mut conn = PgConnection::connect_with(&cfg.connect_options()).await?;
     sqlx::query(SCHEMA_LOCK)
         .bind(schema)

@@ -30,13 +30,14 @@ pub async fn schema_exists(pool: &PgPool, tenant: &TenantId) -> sqlx::Result<boo
         .await
 }
 
-/// Drops the tenant's schema and its registrations, in one transaction.
-pub async fn purge(pool: &PgPool, tenant: &TenantId) -> sqlx::Result<u64> {
-    let mut tx = pool.begin().await?;
-    sqlx::query(super::SCHEMA_XACT_LOCK)
-        .bind(tenant.schema_name())
-        .execute(&mut *tx)
-        .await?;
+/// Drops the tenant's schema and its registrations, in one transaction, holding the schema's
+/// lock. The lock is taken before the transaction begins: PostgreSQL reads the catalog changes of
+/// others (an install's CREATE SCHEMA committed while we waited) when a transaction starts, not
+/// when an advisory lock is granted, so `DROP SCHEMA IF EXISTS` in a transaction begun before the
+/// wait can miss a schema created during it and skip.
+pub async fn purge(cfg: &DbConfig, tenant: &TenantId) -> sqlx::Result<u64> {
+    let mut conn = super::locked_schema_connection(cfg, &tenant.schema_name()).await?;
+    let mut tx = conn.begin().await?;
     sqlx::query(&format!(
         "DROP SCHEMA IF EXISTS {} CASCADE",
         tenant.schema_ident()
@@ -50,5 +51,6 @@ pub async fn purge(pool: &PgPool, tenant: &TenantId) -> sqlx::Result<u64> {
         .await?;
     crate::registry::notify(&mut *tx, tenant).await?;
     tx.commit().await?;
+    conn.close().await?;
     Ok(registrations)
 }

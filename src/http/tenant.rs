@@ -122,7 +122,7 @@ async fn post_tenant(
 ) -> AppResult<Response> {
     attrs.check_storable()?;
     if attrs.purge == Some(true) {
-        let registrations = db::tenants::purge(&state.pool, &tenant).await?;
+        let registrations = db::tenants::purge(&state.config.db, &tenant).await?;
         super::registrations::registry_changed(&state, &tenant).await;
         tracing::info!(%tenant, registrations, "tenant purged: schema dropped, registrations deleted");
         return Ok(StatusCode::NO_CONTENT.into_response());
