@@ -244,10 +244,11 @@ fn copy_rows(tenant: &TenantId, items: &[&AuditItem]) -> Vec<u8> {
         out.push(b'\t');
         copy_text(&mut out, r.error_message.as_deref().unwrap_or_default());
         out.push(b'\t');
-        out.extend_from_slice(
-            r.audit_date
-                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
-                .as_bytes(),
+        // `audit_date` is the Java module's `timestamp without time zone`, in UTC.
+        let _ = write!(
+            out,
+            "{}",
+            r.audit_date.naive_utc().format("%Y-%m-%d %H:%M:%S%.6f")
         );
         out.push(b'\t');
         copy_opt(&mut out, r.subscriber.as_deref());
@@ -351,7 +352,7 @@ pub async fn purge_once(pool: &PgPool, retention_days: u32) -> sqlx::Result<Opti
         for schema in schemas {
             let Some(tenant) = schema.strip_suffix("_mod_pubsub").and_then(|t| TenantId::parse(t).ok()) else { continue };
             let s = tenant.schema_ident();
-            let done = sqlx::query(&format!("DELETE FROM {s}.audit_message WHERE audit_date < now() - make_interval(days => $1)"))
+            let done = sqlx::query(&format!("DELETE FROM {s}.audit_message WHERE audit_date < (now() AT TIME ZONE 'UTC') - make_interval(days => $1)"))
                 .bind(retention_days as i32)
                 .execute(&mut *conn)
                 .await?;

@@ -432,10 +432,14 @@ impl DbConfig {
             .password(self.password.expose_secret())
             .database(&self.database)
             .application_name("mod-pubsub")
-            .options([(
-                "statement_timeout",
-                self.query_timeout.as_millis().to_string(),
-            )])
+            // UTC sessions: `audit_date` is a `timestamp without time zone` holding UTC.
+            .options([
+                (
+                    "statement_timeout",
+                    self.query_timeout.as_millis().to_string(),
+                ),
+                ("TimeZone", "UTC".to_owned()),
+            ])
     }
 }
 

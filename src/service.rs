@@ -15,6 +15,52 @@ pub const DB_STARTUP_PATIENCE: Duration = Duration::from_secs(30);
 /// How long graceful shutdown waits for background work.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
+/// How many tenant schemas start-up migrates at once.
+const UPGRADE_CONCURRENCY: usize = 4;
+
+/// Brings every tenant schema up to this version's migrations: schemas the Java module created
+/// (audit writes and history need the new columns) and schemas of an earlier version, without
+/// waiting for Okapi to call `_tenant` again. A schema that fails is logged and left for its next
+/// `_tenant` call; the others and start-up go on.
+pub async fn upgrade_tenant_schemas(cfg: &crate::config::DbConfig, pool: &sqlx::PgPool) {
+    use futures_util::StreamExt;
+    let latest = db::TENANT_MIGRATIONS
+        .iter()
+        .map(|m| m.version)
+        .max()
+        .unwrap_or_default();
+    let schemas = match db::tenants::schemas_behind(pool, latest).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "could not list the tenant schemas to upgrade");
+            return;
+        }
+    };
+    if schemas.is_empty() {
+        return;
+    }
+    tracing::info!(count = schemas.len(), "upgrading tenant schemas");
+    let tenants = schemas.iter().filter_map(|schema| {
+        let tenant = schema
+            .strip_suffix("_mod_pubsub")
+            .and_then(|t| crate::domain::TenantId::parse(t).ok());
+        if tenant.is_none() {
+            tracing::warn!(schema, "not a tenant schema name; left alone");
+        }
+        tenant
+    });
+    futures_util::stream::iter(tenants)
+        .for_each_concurrent(UPGRADE_CONCURRENCY, |tenant| async move {
+            match db::tenants::migrate(cfg, &tenant, None).await {
+                Ok(_) => tracing::info!(%tenant, "tenant schema upgraded"),
+                Err(e) => {
+                    tracing::error!(%tenant, error = format!("{e:#}"), "tenant schema upgrade failed")
+                }
+            }
+        })
+        .await;
+}
+
 /// Migrates the module schema, then serves HTTP on `listener` until `shutdown` is cancelled,
 /// then waits for in-flight requests and background jobs.
 pub async fn run(
@@ -24,6 +70,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     db::migrate_module(&config.db, DB_STARTUP_PATIENCE).await?;
     let pool = db::pool(&config.db);
+    upgrade_tenant_schemas(&config.db, &pool).await;
     let kafka = Arc::new(
         kafka::Kafka::new(&config)
             .map_err(|e| anyhow::anyhow!("Kafka client configuration: {e}"))?,

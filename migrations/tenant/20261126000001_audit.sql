@@ -23,23 +23,11 @@ CREATE TABLE IF NOT EXISTS audit_message (
   correlation_id text,
   tenant_id      text NOT NULL,
   created_by     text,
-  audit_date     timestamptz NOT NULL,
+  audit_date     timestamp NOT NULL,
   state          message_state NOT NULL,
   published_by   text NOT NULL,
   error_message  text
 );
-
--- The Java module stored `timestamp without time zone` (UTC wall time in its containers).
-DO $$
-BEGIN
-  IF EXISTS (
-    SELECT 1 FROM information_schema.columns
-    WHERE table_schema = current_schema() AND table_name = 'audit_message'
-      AND column_name = 'audit_date' AND data_type = 'timestamp without time zone'
-  ) THEN
-    ALTER TABLE audit_message ALTER COLUMN audit_date TYPE timestamptz USING audit_date AT TIME ZONE 'UTC';
-  END IF;
-END $$;
 
 CREATE INDEX IF NOT EXISTS audit_message_audit_date_idx ON audit_message (audit_date);
 CREATE INDEX IF NOT EXISTS audit_message_event_id_idx ON audit_message (event_id);

@@ -73,7 +73,47 @@ async fn migrate_locked(
     sqlx::query(&format!("SET search_path TO \"{schema}\""))
         .execute(&mut *conn)
         .await?;
+    adopt_rewritten_migrations(conn, migrations).await?;
     migrations.run_direct(&mut *conn).await?;
+    Ok(())
+}
+
+/// Migrations edited after a release, by version and the sha384 checksum that release recorded.
+/// sqlx refuses to run when a recorded checksum differs from the file's, so schemas migrated by
+/// that release get the new checksum first. Only the listed old checksum is replaced.
+const REWRITTEN_MIGRATIONS: &[(i64, &str)] = &[
+    // Tenant 20261126000001 created `audit_date` as `timestamptz` (converting the Java module's
+    // column); it now keeps `timestamp`, and 20261202000001 converts such schemas back.
+    (
+        20261126000001,
+        "3c1245ea03108121f825713a73d4238792abbb9e80cca96f31e8aa1b98a47f9111a9e9135b6ea9b72a404330fd536a82",
+    ),
+];
+
+async fn adopt_rewritten_migrations(
+    conn: &mut PgConnection,
+    migrations: &Migrator,
+) -> sqlx::Result<()> {
+    let recorded: Option<String> =
+        sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations')::text")
+            .fetch_one(&mut *conn)
+            .await?;
+    if recorded.is_none() {
+        return Ok(());
+    }
+    for (version, old) in REWRITTEN_MIGRATIONS {
+        let Some(current) = migrations.iter().find(|m| m.version == *version) else {
+            continue;
+        };
+        sqlx::query(
+            "UPDATE _sqlx_migrations SET checksum = $1 WHERE version = $2 AND encode(checksum, 'hex') = $3",
+        )
+            .bind(current.checksum.as_ref())
+            .bind(version)
+            .bind(*old)
+            .execute(&mut *conn)
+            .await?;
+    }
     Ok(())
 }
 

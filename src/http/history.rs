@@ -136,7 +136,8 @@ type Row = (
     String,
     Option<String>,
     Option<String>,
-    DateTime<Utc>,
+    // `timestamp without time zone` (the Java module's type), holding UTC.
+    NaiveDateTime,
     String,
     Option<String>,
     Option<String>,
@@ -182,8 +183,8 @@ async fn history(
     let total: i64 = sqlx::query_scalar(&format!(
         "SELECT count(*) FROM {schema}.audit_message WHERE {filter}"
     ))
-    .bind(start)
-    .bind(end)
+    .bind(start.naive_utc())
+    .bind(end.naive_utc())
     .bind(event_id)
     .bind(q.event_type.as_deref())
     .bind(q.correlation_id.as_deref())
@@ -193,8 +194,8 @@ async fn history(
         "SELECT id, event_id, event_type, correlation_id, tenant_id, created_by, published_by, audit_date, state::text, error_message, subscriber, attempt \
          FROM {schema}.audit_message WHERE {filter} ORDER BY audit_date, id OFFSET $6 LIMIT $7"
     ))
-    .bind(start)
-    .bind(end)
+    .bind(start.naive_utc())
+    .bind(end.naive_utc())
     .bind(event_id)
     .bind(q.event_type.as_deref())
     .bind(q.correlation_id.as_deref())
@@ -227,7 +228,7 @@ async fn history(
                     tenant_id,
                     created_by,
                     published_by,
-                    audit_date: format_date(date),
+                    audit_date: format_date(date.and_utc()),
                     state: serde_json::from_value(serde_json::Value::String(state))
                         .unwrap_or(AuditState::Rejected),
                     error_message,

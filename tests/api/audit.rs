@@ -43,7 +43,7 @@ async fn rows_past_retention_are_purged() {
     for (event_id, age_days) in [(&old_event, 40), (&new_event, 1)] {
         sqlx::query(
             "INSERT INTO diku_mod_pubsub.audit_message (id, event_id, event_type, tenant_id, audit_date, state, published_by) \
-             VALUES ($1, $2::uuid, 'T', 'diku', now() - make_interval(days => $3), 'PUBLISHED', 'm-1.0.0')",
+             VALUES ($1, $2::uuid, 'T', 'diku', (now() AT TIME ZONE 'UTC') - make_interval(days => $3), 'PUBLISHED', 'm-1.0.0')",
         )
         .bind(uuid::Uuid::new_v4())
         .bind(event_id)

@@ -58,7 +58,7 @@ async fn seed(app: &TestApp) {
         sqlx::query(
             "INSERT INTO diku_mod_pubsub.audit_message \
              (id, event_id, event_type, correlation_id, tenant_id, created_by, audit_date, state, published_by, error_message) \
-             VALUES ($1, $2::uuid, $3, $4, 'diku', '', $5::timestamptz, 'PUBLISHED', 'mod-x-1.0.0', '')",
+             VALUES ($1, $2::uuid, $3, $4, 'diku', '', $5::timestamptz AT TIME ZONE 'UTC', 'PUBLISHED', 'mod-x-1.0.0', '')",
         )
         .bind(uuid::Uuid::new_v4())
         .bind(event_id)

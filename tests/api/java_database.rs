@@ -117,20 +117,28 @@ async fn starts_on_the_java_modules_tables_and_keeps_their_data() {
         "mod-circulation-25.0.0"
     );
 
-    // Upgrading the tenant converts the audit dates to timestamptz, read as UTC.
-    crate::tenant_api::install(
-        &app,
-        TENANT,
-        json!({"module_from": "mod-pubsub-2.17.0", "module_to": "mod-pubsub-3.0.0"}),
-    )
-    .await;
-    let when: String = sqlx::query_scalar(
-        "SELECT to_char(audit_date AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS') FROM diku_mod_pubsub.audit_message",
+    // Start-up upgraded the Java module's tenant schema without a `_tenant` call: history reads
+    // the Java module's row (its `timestamp` kept, read as UTC) and the new columns are there.
+    let history = app
+        .get_json(
+            TENANT,
+            "/pubsub/history?startDate=2019-09-15&endDate=2019-09-15",
+        )
+        .await;
+    assert_eq!(history["totalRecords"], 1, "{history}");
+    assert_eq!(
+        history["auditMessages"][0]["auditDate"],
+        "2019-09-15T13:00:00.000+00:00"
+    );
+    let (audit_date_type, subscriber_column): (String, bool) = sqlx::query_as(
+        "SELECT data_type::text, EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = 'diku_mod_pubsub' AND table_name = 'audit_message' AND column_name = 'subscriber') \
+         FROM information_schema.columns WHERE table_schema = 'diku_mod_pubsub' AND table_name = 'audit_message' AND column_name = 'audit_date'",
     )
     .fetch_one(&app.pool)
     .await
     .unwrap();
-    assert_eq!(when, "2019-09-15T13:00:00");
+    assert_eq!(audit_date_type, "timestamp without time zone");
+    assert!(subscriber_column);
     let rmb_job_kept: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM information_schema.tables WHERE table_schema = 'diku_mod_pubsub' AND table_name = 'rmb_job')",
     )
@@ -141,4 +149,35 @@ async fn starts_on_the_java_modules_tables_and_keeps_their_data() {
 
     // A restart on the now-adopted database migrates nothing twice.
     app.stop().await;
+}
+
+/// A tenant schema migrated by 3.0.0 before this change (`audit_date` converted to `timestamptz`,
+/// its first migration recorded with that file's checksum) goes back to the Java module's
+/// `timestamp` at the next start, keeping the instants, without a `_tenant` call.
+#[tokio::test]
+async fn a_schema_with_timestamptz_audit_dates_goes_back_at_start_up() {
+    let app = TestApp::spawn().await;
+    app.enable_tenant(TENANT).await;
+    sqlx::raw_sql(
+        "ALTER TABLE diku_mod_pubsub.audit_message ALTER COLUMN audit_date TYPE timestamptz USING audit_date AT TIME ZONE 'UTC';
+         UPDATE diku_mod_pubsub._sqlx_migrations SET checksum = decode('3c1245ea03108121f825713a73d4238792abbb9e80cca96f31e8aa1b98a47f9111a9e9135b6ea9b72a404330fd536a82', 'hex') WHERE version = 20261126000001;
+         DELETE FROM diku_mod_pubsub._sqlx_migrations WHERE version = 20261202000001;
+         INSERT INTO diku_mod_pubsub.audit_message (id, event_id, event_type, tenant_id, audit_date, state, published_by)
+           VALUES ('44444444-4444-4444-8444-444444444444', '55555555-5555-4555-8555-555555555555', 'T', 'diku', '2019-09-15T13:00:00+02:00', 'PUBLISHED', 'm-1.0.0');",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let restarted = app.another_instance().await;
+    app.stop().await;
+    let (data_type, date): (String, String) = sqlx::query_as(
+        "SELECT (SELECT data_type::text FROM information_schema.columns WHERE table_schema = 'diku_mod_pubsub' AND table_name = 'audit_message' AND column_name = 'audit_date'),
+                (SELECT audit_date::text FROM diku_mod_pubsub.audit_message)",
+    )
+    .fetch_one(&restarted.pool)
+    .await
+    .unwrap();
+    assert_eq!(data_type, "timestamp without time zone");
+    assert_eq!(date, "2019-09-15 11:00:00");
+    restarted.stop().await;
 }

@@ -68,7 +68,7 @@ async fn install_creates_the_tenant_schema_and_upgrade_is_idempotent() {
     .fetch_one(&app.pool)
     .await
     .unwrap();
-    assert_eq!(audit_date_type, "timestamp with time zone");
+    assert_eq!(audit_date_type, "timestamp without time zone");
 
     let job = install(
         &app,
