@@ -433,4 +433,14 @@ drop_test_databases() {
     PGPASSWORD="${DB_PASSWORD}" psql -X -q -w -h "${DB_HOST}" -p "${DB_PORT}" -U "${DB_USERNAME}" -d "${DB_DATABASE}" \
       -c "DROP DATABASE IF EXISTS \"${db}\" WITH (FORCE)" >/dev/null 2>&1 || log "could not drop ${db}"
   done
+  # Roles outlive the databases: tenant roles (<tenant>_mod_pubsub, created as RMB creates them)
+  # and the tests' users without CREATEROLE (pubsub_plain_*); those nothing depends on any more
+  # go too (DROP ROLE refuses the others, such as the roles of a service's own database).
+  local roles role
+  roles="$(PGPASSWORD="${DB_PASSWORD}" psql -X -q -t -A -w -h "${DB_HOST}" -p "${DB_PORT}" -U "${DB_USERNAME}" \
+    -d "${DB_DATABASE}" -c "SELECT rolname FROM pg_roles WHERE rolname LIKE '%\_mod\_pubsub' OR rolname LIKE 'pubsub\_plain\_%'" 2>/dev/null || true)"
+  for role in ${roles}; do
+    PGPASSWORD="${DB_PASSWORD}" psql -X -q -w -h "${DB_HOST}" -p "${DB_PORT}" -U "${DB_USERNAME}" -d "${DB_DATABASE}" \
+      -c "DROP ROLE IF EXISTS \"${role}\"" >/dev/null 2>&1 || true
+  done
 }

@@ -37,6 +37,10 @@ enum Command {
         #[arg(long = "tenant")]
         tenants: Vec<String>,
     },
+    /// Prepare the database for a rollback to the Java module (stop every instance first):
+    /// migrate every schema, delete direct-consumer registrations, list tenants whose RMB role is
+    /// missing (README, "Rolling back to the Java module").
+    PrepareRollback,
     /// Print the OpenAPI document (as committed in api/openapi.json).
     Openapi,
     /// Write ModuleDescriptor.json and DeploymentDescriptor.json for Okapi or Eureka, with this
@@ -134,6 +138,7 @@ fn main() -> ExitCode {
                 serve(config).await
             }
             Command::Migrate { tenants } => migrate(config, tenants).await,
+            Command::PrepareRollback => prepare_rollback(config).await,
             Command::Openapi | Command::Descriptors { .. } | Command::Client(_) => {
                 unreachable!()
             }
@@ -175,6 +180,31 @@ async fn signal_shutdown(token: CancellationToken) {
     let _ = ctrl_c.await;
     tracing::info!("shutdown requested, draining");
     token.cancel();
+}
+
+async fn prepare_rollback(config: Config) -> anyhow::Result<()> {
+    let report = mod_pubsub::prepare_rollback(&config.db).await?;
+    println!(
+        "direct-consumer registrations deleted (the Java module would POST their events to <okapi>null): {}",
+        report.direct_consumers.len()
+    );
+    for (tenant, module, event_type) in &report.direct_consumers {
+        println!("  {tenant} {module} {event_type}");
+    }
+    if report.schemas_without_role.is_empty() {
+        println!("every tenant schema has its RMB role; the database is ready for the Java module");
+    } else {
+        println!("tenant schemas without the role RMB logs in as; create each as a user with CREATEROLE:");
+        for schema in &report.schemas_without_role {
+            let tenant = schema.strip_suffix("_mod_pubsub").unwrap_or(schema);
+            println!(
+                "  CREATE ROLE {schema} PASSWORD '{tenant}' NOSUPERUSER NOCREATEDB INHERIT LOGIN; \
+                 GRANT ALL ON SCHEMA {schema} TO {schema}; GRANT ALL ON ALL TABLES IN SCHEMA {schema} TO {schema}; \
+                 GRANT ALL ON ALL SEQUENCES IN SCHEMA {schema} TO {schema};"
+            );
+        }
+    }
+    Ok(())
 }
 
 async fn migrate(config: Config, tenants: Vec<String>) -> anyhow::Result<()> {

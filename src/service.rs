@@ -24,12 +24,8 @@ const UPGRADE_CONCURRENCY: usize = 4;
 /// `_tenant` call; the others and start-up go on.
 pub async fn upgrade_tenant_schemas(cfg: &crate::config::DbConfig, pool: &sqlx::PgPool) {
     use futures_util::StreamExt;
-    let latest = db::TENANT_MIGRATIONS
-        .iter()
-        .map(|m| m.version)
-        .max()
-        .unwrap_or_default();
-    let schemas = match db::tenants::schemas_behind(pool, latest).await {
+    let count = db::TENANT_MIGRATIONS.migrations.len() as i64;
+    let schemas = match db::tenants::schemas_behind(pool, count).await {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "could not list the tenant schemas to upgrade");
@@ -59,6 +55,32 @@ pub async fn upgrade_tenant_schemas(cfg: &crate::config::DbConfig, pool: &sqlx::
             }
         })
         .await;
+}
+
+/// What `mod-pubsub prepare-rollback` did and what it leaves to the operator.
+#[derive(Debug)]
+pub struct RollbackReport {
+    /// Direct-consumer registrations deleted: (tenant, module, event type).
+    pub direct_consumers: Vec<(String, String, String)>,
+    /// Tenant schemas still without the role RMB logs in as.
+    pub schemas_without_role: Vec<String>,
+}
+
+/// Makes the database ready for the Java module (run with every instance of this service
+/// stopped): every schema migrated, so each has the Liquibase and RMB bookkeeping the Java module
+/// needs; direct-consumer registrations deleted, because the Java module would POST their events
+/// to `<okapi>null`; tenants whose RMB role is missing listed.
+pub async fn prepare_rollback(cfg: &crate::config::DbConfig) -> anyhow::Result<RollbackReport> {
+    db::migrate_module(cfg, DB_STARTUP_PATIENCE).await?;
+    let pool = db::pool(cfg);
+    upgrade_tenant_schemas(cfg, &pool).await;
+    let direct_consumers = db::registry::delete_direct_consumers(&pool).await?;
+    let schemas_without_role = db::tenants::schemas_without_role(&pool).await?;
+    pool.close().await;
+    Ok(RollbackReport {
+        direct_consumers,
+        schemas_without_role,
+    })
 }
 
 /// Migrates the module schema, then serves HTTP on `listener` until `shutdown` is cancelled,

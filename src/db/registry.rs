@@ -259,3 +259,15 @@ where
         .await?;
     Ok(done.rows_affected())
 }
+
+/// Deletes the registrations of direct consumers (subscribers without a callback) in every
+/// tenant; returns them as (tenant, module, event type).
+pub async fn delete_direct_consumers(pool: &PgPool) -> sqlx::Result<Vec<(String, String, String)>> {
+    sqlx::query_as(
+        "DELETE FROM pubsub_config.messaging_module
+         WHERE role = 'SUBSCRIBER' AND subscriber_callback IS NULL
+         RETURNING tenant_id, module_id, event_type_id",
+    )
+    .fetch_all(pool)
+    .await
+}

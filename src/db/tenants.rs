@@ -55,21 +55,34 @@ pub async fn purge(cfg: &DbConfig, tenant: &TenantId) -> sqlx::Result<u64> {
     Ok(registrations)
 }
 
-/// Tenant schemas whose migrations are behind `latest` (or that have none: schemas the Java
+/// Tenant schemas that have not applied all `count` migrations (or none: schemas the Java
 /// module created), in one query: `query_to_xml` reads each schema's `_sqlx_migrations` without a
 /// round trip per schema.
-pub async fn schemas_behind(pool: &PgPool, latest: i64) -> sqlx::Result<Vec<String>> {
+pub async fn schemas_behind(pool: &PgPool, count: i64) -> sqlx::Result<Vec<String>> {
     sqlx::query_scalar(
         "SELECT nspname::text FROM pg_namespace
          WHERE nspname LIKE '%\\_mod\\_pubsub'
            AND CASE WHEN to_regclass(format('%I._sqlx_migrations', nspname)) IS NULL THEN true
                ELSE (xpath('/row/v/text()', query_to_xml(
-                       format('SELECT max(version) AS v FROM %I._sqlx_migrations WHERE success', nspname),
+                       format('SELECT count(*) AS v FROM %I._sqlx_migrations WHERE success', nspname),
                        false, true, '')))[1]::text::bigint IS DISTINCT FROM $1
                END
          ORDER BY 1",
     )
-    .bind(latest)
+    .bind(count)
+    .fetch_all(pool)
+    .await
+}
+
+/// Tenant schemas without the role of their name, which RMB logs in as (the migration could not
+/// create it: no CREATEROLE).
+pub async fn schemas_without_role(pool: &PgPool) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar(
+        "SELECT nspname::text FROM pg_namespace n
+         WHERE nspname LIKE '%\\_mod\\_pubsub'
+           AND NOT EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = n.nspname)
+         ORDER BY 1",
+    )
     .fetch_all(pool)
     .await
 }
