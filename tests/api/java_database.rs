@@ -239,6 +239,27 @@ async fn starts_on_the_java_modules_tables_and_keeps_their_data() {
     .unwrap();
     assert!(rmb_job_kept);
 
+    // Publishing writes the audit trail into the Java module's tables.
+    let event_id = crate::publish::new_id();
+    let r = app
+        .post_json(
+            TENANT,
+            "/pubsub/publish",
+            &crate::publish::event(
+                &event_id,
+                "ITEM_CHECKED_OUT",
+                TENANT,
+                "mod-circulation-25.0.0",
+                "{\"id\":\"loan-2\"}",
+            ),
+        )
+        .await;
+    assert_eq!(r.status(), 204, "{}", text(r).await);
+    app.audit_until(TENANT, &event_id, "a PUBLISHED row", |rows| {
+        rows.iter().any(|r| r["state"] == "PUBLISHED")
+    })
+    .await;
+
     // The Java module can take the database back: its bookkeeping is untouched (nothing recorded
     // twice) and its statements still work on the tables this service extended.
     assert_java_can_take_over(&app.pool).await;
