@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use crate::helpers::*;
-use crate::kafka_util::{partitions, OwnBroker};
+use crate::kafka_util::{partitions, CreateRefusingBroker, OwnBroker};
 use crate::publish::{event, new_id, register_publisher};
 
 /// The service on a fresh database, talking to `broker`, with `extra` settings.
@@ -220,4 +220,85 @@ async fn start_up_recreates_the_topics_of_a_wiped_broker() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+}
+
+/// Topics that exist are fine whatever creating them would answer: with a broker that does not
+/// let topics be created (CreateTopics never answered, standing in for a missing CREATE ACL where
+/// the operator pre-creates topics), declarations are stored (201), the topic that exists is
+/// published to, and only the one that does not exist is reported missing.
+#[tokio::test]
+async fn existing_topics_are_used_when_creation_is_not_allowed() {
+    let broker = CreateRefusingBroker::start().await;
+    let db = TestDb::create().await;
+    let port = broker.port.to_string();
+    let app = TestApp::spawn_on(db, move |e| {
+        e.insert("KAFKA_HOST".into(), "127.0.0.1".into());
+        e.insert("KAFKA_PORT".into(), port);
+        e.insert("KAFKA_ADMIN_TIMEOUT_MS".into(), "1000".into());
+    })
+    .await;
+    // The operator's topics (and the tenant's dead-letter topic) exist.
+    register_publisher(&app, TENANT, "PRE_CREATED", "mod-pre-created-1.0.0").await;
+    broker
+        .refuse_creates
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    for event_type in ["PRE_CREATED", "NOT_CREATED"] {
+        let d = descriptor(event_type, "test event", 1);
+        let r = app.post_json(TENANT, "/pubsub/event-types", &d).await;
+        assert!(r.status().is_success(), "{}", text(r).await);
+        let module = format!("mod-{}-2.0.0", event_type.to_lowercase().replace('_', "-"));
+        let r = app
+            .post_json(
+                TENANT,
+                "/pubsub/event-types/declare/publisher",
+                &publisher(&module, [d]),
+            )
+            .await;
+        assert_eq!(r.status(), 201, "{}", text(r).await);
+    }
+    let r = app
+        .post_json(
+            TENANT,
+            "/pubsub/publish",
+            &event(
+                &new_id(),
+                "PRE_CREATED",
+                TENANT,
+                "mod-pre-created-2.0.0",
+                "{}",
+            ),
+        )
+        .await;
+    assert_eq!(r.status(), 204, "{}", text(r).await);
+    let not_created = app.topic(TENANT, "NOT_CREATED");
+    let pre_created = app.topic(TENANT, "PRE_CREATED");
+    // After the reconciler's pass (which lists what exists), only the missing topic is reported.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let body = loop {
+        let (status, body) = app.health().await;
+        if body.contains(&not_created) && !body.contains(&pre_created) {
+            assert!(
+                body.contains("1 registered topics not created yet"),
+                "{status}: {body}"
+            );
+            break body;
+        }
+        assert!(Instant::now() < deadline, "{status}: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let r = app
+        .post_json(
+            TENANT,
+            "/pubsub/publish",
+            &event(
+                &new_id(),
+                "NOT_CREATED",
+                TENANT,
+                "mod-not-created-2.0.0",
+                "{}",
+            ),
+        )
+        .await;
+    assert_eq!(r.status(), 503, "{body}");
+    app.stop().await;
 }

@@ -74,6 +74,8 @@ pub fn partitions(bootstrap: &str, topic: &str) -> Option<usize> {
 /// A tansu broker of the test's own, on a free port, with memory storage.
 pub struct OwnBroker {
     pub port: u16,
+    /// The port it tells clients to use (a proxy's, see [`CreateRefusingBroker`]).
+    advertised_port: u16,
     child: Option<Child>,
 }
 
@@ -98,12 +100,16 @@ fn tansu_bin() -> String {
 
 impl OwnBroker {
     pub fn start() -> OwnBroker {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut b = OwnBroker { port, child: None };
+        let port = free_port();
+        Self::start_advertising(port, port)
+    }
+
+    fn start_advertising(port: u16, advertised_port: u16) -> OwnBroker {
+        let mut b = OwnBroker {
+            port,
+            advertised_port,
+            child: None,
+        };
         b.restart();
         b
     }
@@ -123,13 +129,14 @@ impl OwnBroker {
     pub fn restart(&mut self) {
         self.stop();
         let url = format!("tcp://127.0.0.1:{}", self.port);
+        let advertised = format!("tcp://127.0.0.1:{}", self.advertised_port);
         let child = Command::new(tansu_bin())
             .args([
                 "broker",
                 "--listener-url",
                 &url,
                 "--advertised-listener-url",
-                &url,
+                &advertised,
                 "--storage-engine",
                 "memory://tansu/",
             ])
@@ -151,6 +158,86 @@ impl OwnBroker {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A broker of the test's own behind a proxy that never forwards CreateTopics requests while
+/// `refuse_creates` is set: topics that exist are used as ever, creating one never succeeds (the
+/// client times out). It stands in for a cluster where topic creation is not allowed (tansu has
+/// no ACLs to refuse it with). Clients connect to `port`, which the broker advertises.
+#[allow(dead_code)]
+pub struct CreateRefusingBroker {
+    pub port: u16,
+    pub refuse_creates: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    _broker: OwnBroker,
+    proxy: tokio::task::JoinHandle<()>,
+}
+
+#[allow(dead_code)]
+impl CreateRefusingBroker {
+    /// Starts it (inside a tokio runtime), creating topics normally until `refuse_creates` is set.
+    pub async fn start() -> CreateRefusingBroker {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        const CREATE_TOPICS: i16 = 19;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let broker = OwnBroker::start_advertising(free_port(), port);
+        let upstream = broker.port;
+        let refuse = std::sync::Arc::new(AtomicBool::new(false));
+        let refuse_creates = refuse.clone();
+        let proxy = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let refuse = refuse.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                    else {
+                        return;
+                    };
+                    let (mut client_rx, mut client_tx) = client.into_split();
+                    let (mut server_rx, mut server_tx) = server.into_split();
+                    // Requests are length-prefixed frames whose body starts with the API key.
+                    let requests = async move {
+                        loop {
+                            let mut len = [0u8; 4];
+                            client_rx.read_exact(&mut len).await?;
+                            let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+                            client_rx.read_exact(&mut body).await?;
+                            let api_key = i16::from_be_bytes([body[0], body[1]]);
+                            if api_key == CREATE_TOPICS && refuse.load(Ordering::SeqCst) {
+                                continue;
+                            }
+                            server_tx.write_all(&len).await?;
+                            server_tx.write_all(&body).await?;
+                        }
+                        #[allow(unreachable_code)]
+                        Ok::<(), std::io::Error>(())
+                    };
+                    let responses = tokio::io::copy(&mut server_rx, &mut client_tx);
+                    let _ = tokio::join!(requests, responses);
+                });
+            }
+        });
+        CreateRefusingBroker {
+            port,
+            refuse_creates,
+            _broker: broker,
+            proxy,
+        }
+    }
+}
+
+impl Drop for CreateRefusingBroker {
+    fn drop(&mut self) {
+        self.proxy.abort();
     }
 }
 
