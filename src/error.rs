@@ -128,24 +128,7 @@ impl AppError {
     }
 }
 
-/// Whether a database error means "the database is not reachable" (503) rather than a bug (500).
-pub fn is_unavailable(err: &sqlx::Error) -> bool {
-    match err {
-        sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_) => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|c| {
-            // 08 connection exceptions, 28 authorization (wrong credentials), 53 insufficient
-            // resources (too many connections), 57P shutdown / cannot connect now, 3D000 no
-            // such database, 55000 "database is not currently accepting connections".
-            ["08", "28", "53", "57P"].iter().any(|p| c.starts_with(p))
-                || c == "3D000"
-                || c == "55000"
-        }),
-        _ => false,
-    }
-}
+pub use crate::db::is_unavailable;
 
 fn text(status: StatusCode, body: String) -> Response {
     (

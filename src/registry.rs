@@ -15,9 +15,10 @@ use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
+use crate::db::{self, registry::Registration};
 use crate::domain::{ModuleRole, TenantId};
 
-pub const CHANNEL: &str = "pubsub_registry";
+pub use crate::db::registry::{notify, CHANNEL};
 const FULL_RELOAD_EVERY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Default, Clone)]
@@ -60,16 +61,6 @@ impl Subscriber {
     }
 }
 
-type Row = (
-    String,
-    String,
-    ModuleRole,
-    String,
-    bool,
-    Option<String>,
-    chrono::DateTime<chrono::Utc>,
-);
-
 /// The publisher check's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PublisherCheck {
@@ -94,8 +85,17 @@ impl Default for RegistryCache {
     }
 }
 
-fn add_row(views: &mut HashMap<String, TenantView>, strings: &mut Interner, row: Row) {
-    let (tenant, event_type, role, module_id, activated, callback, created) = row;
+fn add_row(views: &mut HashMap<String, TenantView>, strings: &mut Interner, row: Registration) {
+    let Registration {
+        tenant_id: tenant,
+        event_type_id: event_type,
+        role,
+        module_id,
+        activated,
+        subscriber_callback: callback,
+        created_date: created,
+        ..
+    } = row;
     let view = views.entry(tenant).or_default();
     match role {
         ModuleRole::Publisher => {
@@ -113,7 +113,7 @@ fn add_row(views: &mut HashMap<String, TenantView>, strings: &mut Interner, row:
                         .push(Subscriber {
                             module_id: strings.get(module_id),
                             callback: strings.get(callback),
-                            since: created,
+                            since: created.unwrap_or_default(),
                         });
                 }
             }
@@ -130,9 +130,6 @@ fn shrink(view: &mut TenantView) {
     view.subscribers.values_mut().for_each(Vec::shrink_to_fit);
     view.subscribers.shrink_to_fit();
 }
-
-const ROW_COLUMNS: &str =
-    "tenant_id, event_type_id, role, module_id, activated, subscriber_callback, created_date";
 
 impl RegistryCache {
     /// Whether `module_id` (compared exactly, as the Java module does) is a registered publisher of
@@ -163,15 +160,10 @@ impl RegistryCache {
 
     /// Reloads one tenant.
     pub async fn reload_tenant(&self, pool: &PgPool, tenant: &str) -> sqlx::Result<()> {
-        let rows: Vec<Row> = sqlx::query_as(&format!(
-            "SELECT {ROW_COLUMNS} FROM pubsub_config.messaging_module WHERE tenant_id = $1"
-        ))
-        .bind(tenant)
-        .fetch_all(pool)
-        .await?;
+        let rows = db::registry::tenant_registrations(pool, tenant).await?;
         // A name that is no tenant id has no schema (and is not put into one).
         let enabled = match TenantId::parse(tenant) {
-            Ok(t) => crate::db::tenants::schema_exists(pool, &t).await?,
+            Ok(t) => db::tenants::schema_exists(pool, &t).await?,
             Err(_) => false,
         };
         let mut views = HashMap::new();
@@ -198,16 +190,8 @@ impl RegistryCache {
 
     /// Reloads everything.
     pub async fn reload_all(&self, pool: &PgPool) -> sqlx::Result<()> {
-        let rows: Vec<Row> = sqlx::query_as(&format!(
-            "SELECT {ROW_COLUMNS} FROM pubsub_config.messaging_module"
-        ))
-        .fetch_all(pool)
-        .await?;
-        let schemas: Vec<String> = sqlx::query_scalar(
-            "SELECT nspname::text FROM pg_namespace WHERE nspname LIKE '%\\_mod\\_pubsub'",
-        )
-        .fetch_all(pool)
-        .await?;
+        let rows = db::registry::all_registrations(pool).await?;
+        let schemas = db::tenants::tenant_schemas(pool).await?;
         let mut views: HashMap<String, TenantView> = HashMap::new();
         for t in schemas.iter().filter_map(|s| s.strip_suffix("_mod_pubsub")) {
             views.entry(t.to_owned()).or_default().enabled = true;
@@ -325,14 +309,4 @@ impl RegistryCache {
             }
         }
     }
-}
-
-/// Announces a change of `tenant`'s registrations or enablement (call inside the transaction).
-pub async fn notify<'e, E: sqlx::PgExecutor<'e>>(exec: E, tenant: &TenantId) -> sqlx::Result<()> {
-    sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(CHANNEL)
-        .bind(tenant.as_str())
-        .execute(exec)
-        .await?;
-    Ok(())
 }

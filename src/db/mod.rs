@@ -3,6 +3,7 @@
 //! All SQL binds its values; the only identifiers built at run time are tenant schema names,
 //! which come from a validated [`TenantId`](crate::domain::TenantId).
 
+pub mod audit;
 pub mod jobs;
 pub mod registry;
 pub mod tenants;
@@ -144,5 +145,32 @@ pub async fn migrate_module(cfg: &DbConfig, patience: Duration) -> anyhow::Resul
 
 fn is_connect_error(err: &anyhow::Error) -> bool {
     err.downcast_ref::<sqlx::Error>()
-        .is_some_and(crate::error::is_unavailable)
+        .is_some_and(is_unavailable)
+}
+
+/// Whether a database error means "the database is not reachable" (503) rather than a bug (500).
+pub fn is_unavailable(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|c| {
+            // 08 connection exceptions, 28 authorization (wrong credentials), 53 insufficient
+            // resources (too many connections), 57P shutdown / cannot connect now, 3D000 no
+            // such database, 55000 "database is not currently accepting connections".
+            ["08", "28", "53", "57P"].iter().any(|p| c.starts_with(p))
+                || c == "3D000"
+                || c == "55000"
+        }),
+        _ => false,
+    }
+}
+
+/// Whether the database answers.
+pub async fn ping(pool: &PgPool) -> sqlx::Result<()> {
+    sqlx::query_scalar::<_, i32>("SELECT 1")
+        .fetch_one(pool)
+        .await
+        .map(|_| ())
 }

@@ -271,3 +271,63 @@ pub async fn delete_direct_consumers(pool: &PgPool) -> sqlx::Result<Vec<(String,
     .fetch_all(pool)
     .await
 }
+
+/// The channel registrations and enablements are announced on (LISTEN/NOTIFY).
+pub const CHANNEL: &str = "pubsub_registry";
+
+/// Announces a change of `tenant`'s registrations or enablement (call inside the transaction).
+pub async fn notify<'e, E: sqlx::PgExecutor<'e>>(exec: E, tenant: &TenantId) -> sqlx::Result<()> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(CHANNEL)
+        .bind(tenant.as_str())
+        .execute(exec)
+        .await?;
+    Ok(())
+}
+
+/// Every registration of `tenant` (a name from a notification: not necessarily a tenant id).
+pub async fn tenant_registrations(pool: &PgPool, tenant: &str) -> sqlx::Result<Vec<Registration>> {
+    sqlx::query_as(&format!(
+        "SELECT {REGISTRATION_COLUMNS} FROM pubsub_config.messaging_module WHERE tenant_id = $1"
+    ))
+    .bind(tenant)
+    .fetch_all(pool)
+    .await
+}
+
+/// Every registration.
+pub async fn all_registrations(pool: &PgPool) -> sqlx::Result<Vec<Registration>> {
+    sqlx::query_as(&format!(
+        "SELECT {REGISTRATION_COLUMNS} FROM pubsub_config.messaging_module"
+    ))
+    .fetch_all(pool)
+    .await
+}
+
+/// A (tenant, event type) that has a registration, so a topic.
+#[derive(Debug, sqlx::FromRow)]
+pub struct RegisteredEventType {
+    pub tenant_id: String,
+    pub event_type_id: String,
+}
+
+/// Every (tenant, event type) with a registration.
+pub async fn registered_event_types(pool: &PgPool) -> sqlx::Result<Vec<RegisteredEventType>> {
+    sqlx::query_as("SELECT DISTINCT tenant_id, event_type_id FROM pubsub_config.messaging_module")
+        .fetch_all(pool)
+        .await
+}
+
+/// The stored descriptor of `event_type`, locked for the rest of the transaction.
+pub async fn find_descriptor_for_update(
+    tx: &mut Transaction<'_, Postgres>,
+    event_type: &str,
+) -> sqlx::Result<Option<StoredDescriptor>> {
+    let row: Option<(sqlx::types::Json<StoredDescriptor>,)> = sqlx::query_as(
+        "SELECT descriptor FROM pubsub_config.event_descriptor WHERE id = $1 FOR UPDATE",
+    )
+    .bind(event_type)
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(row.map(|(d,)| d.0))
+}

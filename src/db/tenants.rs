@@ -49,7 +49,7 @@ pub async fn purge(cfg: &DbConfig, tenant: &TenantId) -> sqlx::Result<u64> {
         .bind(tenant.as_str())
         .execute(&mut *tx)
         .await?;
-    crate::registry::notify(&mut *tx, tenant).await?;
+    super::registry::notify(&mut *tx, tenant).await?;
     tx.commit().await?;
     conn.close().await?;
     Ok(registrations)
@@ -82,6 +82,15 @@ pub async fn schemas_without_role(pool: &PgPool) -> sqlx::Result<Vec<String>> {
          WHERE nspname LIKE '%\\_mod\\_pubsub'
            AND NOT EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = n.nspname)
          ORDER BY 1",
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// The names of every tenant schema (`*_mod_pubsub`).
+pub async fn tenant_schemas(pool: &PgPool) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar(
+        "SELECT nspname::text FROM pg_namespace WHERE nspname LIKE '%\\_mod\\_pubsub'",
     )
     .fetch_all(pool)
     .await

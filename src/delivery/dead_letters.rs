@@ -50,7 +50,33 @@ pub struct DeadLetter {
     pub headers: HashMap<String, String>,
 }
 
-fn reader(engine: &Engine) -> Result<BaseConsumer, String> {
+/// Why reading, redelivering or replaying dead letters failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DeadLetterError {
+    #[error(transparent)]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("reading {0} did not finish in time")]
+    ReadTimeout(String),
+    #[error("replay of {0} stalled")]
+    Stalled(String),
+    #[error("stopped")]
+    Stopped,
+    #[error("not an Event envelope: {0}")]
+    NotAnEvent(#[source] serde_json::Error),
+    #[error("{subscriber} no longer subscribes to {event_type} in {tenant}")]
+    NotSubscribed {
+        subscriber: String,
+        event_type: String,
+        tenant: TenantId,
+    },
+    /// The callback failed (its status or transport error).
+    #[error("{0}")]
+    Delivery(String),
+    #[error("a blocking Kafka task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+fn reader(engine: &Engine) -> Result<BaseConsumer, DeadLetterError> {
     crate::kafka::client_config(&engine.config.kafka)
         .set(
             "group.id",
@@ -63,7 +89,7 @@ fn reader(engine: &Engine) -> Result<BaseConsumer, String> {
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
         .create()
-        .map_err(|e| e.to_string())
+        .map_err(DeadLetterError::from)
 }
 
 /// Reads every record of `topic` between the given start offsets and the current ends.
@@ -72,34 +98,31 @@ fn read_range(
     consumer: &BaseConsumer,
     topic: &str,
     start: &HashMap<i32, i64>,
-) -> Result<Vec<rdkafka::message::OwnedMessage>, String> {
+) -> Result<Vec<rdkafka::message::OwnedMessage>, DeadLetterError> {
     let mut ends = HashMap::new();
     let mut tpl = TopicPartitionList::new();
     for (&partition, &from) in start {
-        let (_, high) = consumer
-            .fetch_watermarks(topic, partition, READ_TIMEOUT)
-            .map_err(|e| e.to_string())?;
+        let (_, high) = consumer.fetch_watermarks(topic, partition, READ_TIMEOUT)?;
         if high > from {
             ends.insert(partition, high);
-            tpl.add_partition_offset(topic, partition, Offset::Offset(from))
-                .map_err(|e| e.to_string())?;
+            tpl.add_partition_offset(topic, partition, Offset::Offset(from))?;
         }
     }
     if ends.is_empty() {
         return Ok(Vec::new());
     }
-    consumer.assign(&tpl).map_err(|e| e.to_string())?;
+    consumer.assign(&tpl)?;
     let deadline = std::time::Instant::now() + READ_TIMEOUT * 3;
     let mut out = Vec::new();
     let mut done: BTreeSet<i32> = BTreeSet::new();
     while done.len() < ends.len() {
         if std::time::Instant::now() > deadline {
-            return Err(format!("reading {topic} did not finish in time"));
+            return Err(DeadLetterError::ReadTimeout(topic.to_owned()));
         }
         let Some(msg) = consumer.poll(Duration::from_millis(200)) else {
             continue;
         };
-        let msg = msg.map_err(|e| e.to_string())?;
+        let msg = msg?;
         if msg.offset() + 1 >= ends[&msg.partition()] {
             done.insert(msg.partition());
         }
@@ -109,10 +132,11 @@ fn read_range(
 }
 
 /// The partitions of `topic` and their first offsets (all partitions from the beginning).
-fn from_beginning(consumer: &BaseConsumer, topic: &str) -> Result<HashMap<i32, i64>, String> {
-    let md = consumer
-        .fetch_metadata(Some(topic), READ_TIMEOUT)
-        .map_err(|e| e.to_string())?;
+fn from_beginning(
+    consumer: &BaseConsumer,
+    topic: &str,
+) -> Result<HashMap<i32, i64>, DeadLetterError> {
+    let md = consumer.fetch_metadata(Some(topic), READ_TIMEOUT)?;
     let mut out = HashMap::new();
     for t in md
         .topics()
@@ -120,9 +144,7 @@ fn from_beginning(consumer: &BaseConsumer, topic: &str) -> Result<HashMap<i32, i
         .filter(|t| t.name() == topic && t.error().is_none())
     {
         for p in t.partitions() {
-            let (low, _) = consumer
-                .fetch_watermarks(topic, p.id(), READ_TIMEOUT)
-                .map_err(|e| e.to_string())?;
+            let (low, _) = consumer.fetch_watermarks(topic, p.id(), READ_TIMEOUT)?;
             out.insert(p.id(), low);
         }
     }
@@ -134,15 +156,14 @@ impl Engine {
     pub async fn dead_letters(
         self: &Arc<Self>,
         tenant: &TenantId,
-    ) -> Result<Vec<DeadLetter>, String> {
+    ) -> Result<Vec<DeadLetter>, DeadLetterError> {
         let topic = self.kafka.topics.dead_letters(tenant).to_string();
         let consumer = reader(self)?;
         let records = tokio::task::spawn_blocking(move || {
             let start = from_beginning(&consumer, &topic)?;
             read_range(&consumer, &topic, &start)
         })
-        .await
-        .map_err(|e| e.to_string())??;
+        .await??;
         Ok(records
             .into_iter()
             .map(|m| {
@@ -176,24 +197,27 @@ impl Engine {
     }
 
     /// Delivers a dead letter again, once, to its subscriber (if it still subscribes).
-    pub async fn redeliver(&self, tenant: &TenantId, letter: &DeadLetter) -> Result<(), String> {
-        let event: Event = serde_json::from_value(letter.event.clone())
-            .map_err(|e| format!("not an Event envelope: {e}"))?;
+    pub async fn redeliver(
+        &self,
+        tenant: &TenantId,
+        letter: &DeadLetter,
+    ) -> Result<(), DeadLetterError> {
+        let event: Event =
+            serde_json::from_value(letter.event.clone()).map_err(DeadLetterError::NotAnEvent)?;
         let module = crate::domain::module_name(&letter.subscriber);
         let sub = self
             .registry
             .subscriber(tenant.as_str(), &event.event_type, module)
-            .ok_or_else(|| {
-                format!(
-                    "{} no longer subscribes to {} in {tenant}",
-                    letter.subscriber, event.event_type
-                )
+            .ok_or_else(|| DeadLetterError::NotSubscribed {
+                subscriber: letter.subscriber.clone(),
+                event_type: event.event_type.clone(),
+                tenant: tenant.clone(),
             })?;
         let attempt: i32 = letter.attempts.parse::<i32>().unwrap_or(0) + 1;
         let result = self
             .post(tenant, &sub, &event, &letter.headers, attempt)
             .await
-            .map_err(|f| f.message);
+            .map_err(|f| DeadLetterError::Delivery(f.message));
         let (state, error) = match &result {
             Ok(()) => (AuditState::Delivered, None),
             Err(e) => (
@@ -231,7 +255,7 @@ impl Engine {
         module: &str,
         from: DateTime<Utc>,
         stop: &CancellationToken,
-    ) -> Result<usize, String> {
+    ) -> Result<usize, DeadLetterError> {
         let topics = self.subscribed_topics(tenant, module);
         // One record at a time, through the same retries and dead letters as the module's
         // consumer.
@@ -256,60 +280,54 @@ impl Engine {
                     "fetch.wait.max.ms",
                     self.config.delivery.fetch_wait.as_millis().to_string(),
                 )
-                .create()
-                .map_err(|e| e.to_string())?;
+                .create()?;
             let consumer = Arc::new(consumer);
             let (c, t) = (Arc::clone(&consumer), topic.clone());
             // Start offsets for the time, end offsets now; then assign.
-            let ends = tokio::task::spawn_blocking(move || -> Result<HashMap<i32, i64>, String> {
-                let md = c
-                    .fetch_metadata(Some(&t), READ_TIMEOUT)
-                    .map_err(|e| e.to_string())?;
-                let mut by_time = TopicPartitionList::new();
-                for p in md
-                    .topics()
-                    .iter()
-                    .filter(|x| x.name() == t)
-                    .flat_map(|x| x.partitions())
-                {
-                    // Kafka reads negative times as special offsets; before 1970 means everything.
-                    let at = Offset::Offset(from.timestamp_millis().max(0));
-                    by_time
-                        .add_partition_offset(&t, p.id(), at)
-                        .map_err(|e| e.to_string())?;
-                }
-                let starts = c
-                    .offsets_for_times(by_time, READ_TIMEOUT)
-                    .map_err(|e| e.to_string())?;
-                let mut assign = TopicPartitionList::new();
-                let mut ends = HashMap::new();
-                for e in starts.elements() {
-                    let (low, high) = c
-                        .fetch_watermarks(&t, e.partition(), READ_TIMEOUT)
-                        .map_err(|e| e.to_string())?;
-                    let start = match e.offset() {
-                        Offset::Offset(o) => o,
-                        _ => high, // nothing at or after `from`
+            let ends = tokio::task::spawn_blocking(
+                move || -> Result<HashMap<i32, i64>, DeadLetterError> {
+                    let md = c.fetch_metadata(Some(&t), READ_TIMEOUT)?;
+                    let mut by_time = TopicPartitionList::new();
+                    for p in md
+                        .topics()
+                        .iter()
+                        .filter(|x| x.name() == t)
+                        .flat_map(|x| x.partitions())
+                    {
+                        // Kafka reads negative times as special offsets; before 1970 means everything.
+                        let at = Offset::Offset(from.timestamp_millis().max(0));
+                        by_time.add_partition_offset(&t, p.id(), at)?;
                     }
-                    .max(low);
-                    if high > start {
-                        assign
-                            .add_partition_offset(&t, e.partition(), Offset::Offset(start))
-                            .map_err(|e| e.to_string())?;
-                        ends.insert(e.partition(), high);
+                    let starts = c.offsets_for_times(by_time, READ_TIMEOUT)?;
+                    let mut assign = TopicPartitionList::new();
+                    let mut ends = HashMap::new();
+                    for e in starts.elements() {
+                        let (low, high) = c.fetch_watermarks(&t, e.partition(), READ_TIMEOUT)?;
+                        let start = match e.offset() {
+                            Offset::Offset(o) => o,
+                            _ => high, // nothing at or after `from`
+                        }
+                        .max(low);
+                        if high > start {
+                            assign.add_partition_offset(
+                                &t,
+                                e.partition(),
+                                Offset::Offset(start),
+                            )?;
+                            ends.insert(e.partition(), high);
+                        }
                     }
-                }
-                c.assign(&assign).map_err(|e| e.to_string())?;
-                Ok(ends)
-            })
-            .await
-            .map_err(|e| e.to_string())??;
+                    c.assign(&assign)?;
+                    Ok(ends)
+                },
+            )
+            .await??;
             let mut done = BTreeSet::new();
             while done.len() < ends.len() {
                 let msg = tokio::select! {
-                    _ = stop.cancelled() => return Err("stopped".into()),
+                    _ = stop.cancelled() => return Err(DeadLetterError::Stopped),
                     m = tokio::time::timeout(READ_TIMEOUT * 3, consumer.recv()) => {
-                        m.map_err(|_| format!("replay of {topic} stalled"))?.map_err(|e| e.to_string())?
+                        m.map_err(|_| DeadLetterError::Stalled(topic.clone()))??
                     }
                 };
                 if msg.offset() + 1 >= ends[&msg.partition()] {

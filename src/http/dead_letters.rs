@@ -48,7 +48,7 @@ fn subscriber_param(raw: Option<&str>) -> AppResult<Option<ModuleId>> {
     .transpose()
 }
 
-fn kafka_unavailable(e: String) -> AppError {
+fn kafka_unavailable(e: crate::delivery::dead_letters::DeadLetterError) -> AppError {
     AppError::Unavailable(format!("Kafka: {e}"))
 }
 
@@ -161,7 +161,7 @@ async fn redeliver(
             Err(reason) => result.failed.push(RedeliveryFailure {
                 event_id: id,
                 subscriber: letter.subscriber.clone(),
-                reason,
+                reason: reason.to_string(),
             }),
         }
     }

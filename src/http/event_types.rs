@@ -125,22 +125,16 @@ async fn create_event_type(
     let wanted = StoredDescriptor::from(body.clone());
     let mut tx = state.pool.begin().await?;
     if !registry::insert_descriptor_if_absent(&mut *tx, &wanted).await? {
-        let existing: Option<(sqlx::types::Json<StoredDescriptor>,)> = sqlx::query_as(
-            "SELECT descriptor FROM pubsub_config.event_descriptor WHERE id = $1 FOR UPDATE",
-        )
-        .bind(&wanted.event_type)
-        .fetch_optional(&mut *tx)
-        .await?;
-        match existing {
-            Some((existing,)) if existing.0.tmp => {
+        match registry::find_descriptor_for_update(&mut tx, &wanted.event_type).await? {
+            Some(existing) if existing.tmp => {
                 registry::update_descriptor(&mut *tx, &wanted).await?;
             }
-            Some((existing,)) if existing.0 == wanted => {}
-            Some((existing,)) => {
+            Some(existing) if existing == wanted => {}
+            Some(existing) => {
                 return Err(AppError::BadRequest(format!(
                     "Event descriptor for event type '{}' already exists, but the content is different. Existing event descriptor: {}",
                     wanted.event_type,
-                    pretty(&existing.0)
+                    pretty(&existing)
                 )))
             }
             // Deleted between the insert attempt and the read: insert it now.

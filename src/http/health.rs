@@ -24,7 +24,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
     responses((status = 200, description = "Healthy", body = String, content_type = "text/plain"),
               (status = 503, description = "A dependency is down; the body says which", body = String, content_type = "text/plain")))]
 async fn health(State(state): State<AppState>) -> impl IntoResponse {
-    let probe = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&state.pool);
+    let probe = crate::db::ping(&state.pool);
     let problem = match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
         Ok(Ok(_)) => None,
         Ok(Err(err)) => Some(format!("database: {err}")),

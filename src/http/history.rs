@@ -12,6 +12,7 @@ use uuid::Uuid;
 use super::extract::Tenant;
 use super::AppState;
 use crate::audit::AuditState;
+use crate::db;
 use crate::domain::TenantId;
 use crate::error::{AppError, AppResult};
 use crate::event::{format_date, parse_date_time};
@@ -128,22 +129,6 @@ fn ensure_enabled(state: &AppState, tenant: &TenantId) -> AppResult<()> {
     }
 }
 
-type Row = (
-    Uuid,
-    Uuid,
-    Option<String>,
-    Option<String>,
-    String,
-    Option<String>,
-    Option<String>,
-    // `timestamp without time zone` (the Java module's type), holding UTC.
-    NaiveDateTime,
-    String,
-    Option<String>,
-    Option<String>,
-    Option<i32>,
-);
-
 /// The audit trail of this tenant between two dates (inclusive), oldest first.
 #[utoipa::path(get, path = "/pubsub/history", tag = "audit",
     params(("X-Okapi-Tenant" = String, Header, description = "Tenant id"), HistoryQuery),
@@ -177,66 +162,32 @@ async fn history(
     let limit = number(q.limit.as_deref(), "limit", DEFAULT_LIMIT, MAX_LIMIT)?;
     ensure_enabled(&state, &tenant)?;
 
-    let schema = tenant.schema_ident();
-    let filter = "audit_date >= $1 AND audit_date <= $2 AND ($3::uuid IS NULL OR event_id = $3) \
-                  AND ($4::text IS NULL OR event_type = $4) AND ($5::text IS NULL OR correlation_id = $5)";
-    let total: i64 = sqlx::query_scalar(&format!(
-        "SELECT count(*) FROM {schema}.audit_message WHERE {filter}"
-    ))
-    .bind(start.naive_utc())
-    .bind(end.naive_utc())
-    .bind(event_id)
-    .bind(q.event_type.as_deref())
-    .bind(q.correlation_id.as_deref())
-    .fetch_one(&state.pool)
-    .await?;
-    let rows: Vec<Row> = sqlx::query_as(&format!(
-        "SELECT id, event_id, event_type, correlation_id, tenant_id, created_by, published_by, audit_date, state::text, error_message, subscriber, attempt \
-         FROM {schema}.audit_message WHERE {filter} ORDER BY audit_date, id OFFSET $6 LIMIT $7"
-    ))
-    .bind(start.naive_utc())
-    .bind(end.naive_utc())
-    .bind(event_id)
-    .bind(q.event_type.as_deref())
-    .bind(q.correlation_id.as_deref())
-    .bind(offset)
-    .bind(limit)
-    .fetch_all(&state.pool)
-    .await?;
+    let filter = db::audit::HistoryFilter {
+        start,
+        end,
+        event_id,
+        event_type: q.event_type.as_deref(),
+        correlation_id: q.correlation_id.as_deref(),
+        offset,
+        limit,
+    };
+    let (total, rows) = db::audit::history(&state.pool, &tenant, &filter).await?;
     let audit_messages = rows
         .into_iter()
-        .map(
-            |(
-                id,
-                event_id,
-                event_type,
-                correlation_id,
-                tenant_id,
-                created_by,
-                published_by,
-                date,
-                state,
-                error_message,
-                subscriber,
-                attempt,
-            )| {
-                AuditMessage {
-                    id,
-                    event_id,
-                    event_type,
-                    correlation_id,
-                    tenant_id,
-                    created_by,
-                    published_by,
-                    audit_date: format_date(date.and_utc()),
-                    state: serde_json::from_value(serde_json::Value::String(state))
-                        .unwrap_or(AuditState::Rejected),
-                    error_message,
-                    subscriber,
-                    attempt,
-                }
-            },
-        )
+        .map(|r| AuditMessage {
+            id: r.id,
+            event_id: r.event_id,
+            event_type: r.event_type,
+            correlation_id: r.correlation_id,
+            tenant_id: r.tenant_id,
+            created_by: r.created_by,
+            published_by: r.published_by,
+            audit_date: format_date(r.audit_date.and_utc()),
+            state: r.state,
+            error_message: r.error_message,
+            subscriber: r.subscriber,
+            attempt: r.attempt,
+        })
         .collect();
     Ok(Json(AuditMessageCollection {
         audit_messages,
@@ -258,14 +209,7 @@ async fn payload(
     let id = Uuid::parse_str(&event_id)
         .map_err(|_| AppError::BadRequest(format!("eventId must be a UUID, got '{event_id}'")))?;
     ensure_enabled(&state, &tenant)?;
-    let stored: Option<serde_json::Value> = sqlx::query_scalar(&format!(
-        "SELECT content FROM {}.audit_message_payload WHERE event_id = $1",
-        tenant.schema_ident()
-    ))
-    .bind(id)
-    .fetch_optional(&state.pool)
-    .await?;
-    let Some(stored) = stored else {
+    let Some(stored) = db::audit::payload(&state.pool, &tenant, id).await? else {
         return Err(AppError::NotFound(format!(
             "Couldn't find audit message payload for event {id}"
         )));

@@ -317,13 +317,13 @@ pub async fn reconcile_loop(
 /// One pass; returns the number of registered topics.
 #[cfg(feature = "server")]
 pub async fn reconcile_once(kafka: &Kafka, pool: &sqlx::PgPool) -> anyhow::Result<usize> {
-    let rows: Vec<(String, String)> = sqlx::query_as(
-        "SELECT DISTINCT tenant_id, event_type_id FROM pubsub_config.messaging_module",
-    )
-    .fetch_all(pool)
-    .await?;
+    let rows = crate::db::registry::registered_event_types(pool).await?;
     let mut wanted = std::collections::BTreeSet::new();
-    for (tenant, event_type) in rows {
+    for crate::db::registry::RegisteredEventType {
+        tenant_id: tenant,
+        event_type_id: event_type,
+    } in rows
+    {
         match (TenantId::parse(&tenant), EventType::parse(&event_type)) {
             (Ok(t), Ok(e)) => {
                 wanted.insert(kafka.topics.name(&t, &e));
