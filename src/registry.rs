@@ -248,9 +248,9 @@ impl RegistryCache {
             .cloned()
     }
 
-    /// Keeps the view current until `shutdown`: LISTEN on the channel, reload on notifications,
-    /// fully after reconnects and periodically.
-    pub async fn follow(self, pool: PgPool, shutdown: CancellationToken) {
+    /// Keeps the view current until `shutdown`: LISTEN on the channel (on `listen`, a pool of its
+    /// own), reload from `pool` on notifications, fully after reconnects and periodically.
+    pub async fn follow(self, pool: PgPool, listen: PgPool, shutdown: CancellationToken) {
         let mut listener: Option<PgListener> = None;
         let mut next_full = tokio::time::Instant::now() + FULL_RELOAD_EVERY;
         loop {
@@ -258,7 +258,7 @@ impl RegistryCache {
                 return;
             }
             if listener.is_none() {
-                match PgListener::connect_with(&pool).await {
+                match PgListener::connect_with(&listen).await {
                     Ok(mut l) => match l.listen(CHANNEL).await {
                         Ok(()) => {
                             listener = Some(l);

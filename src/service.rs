@@ -107,7 +107,11 @@ pub async fn run(
     let audit_stop = CancellationToken::new();
     let (audit, audit_writer) = audit::AuditWriter::start(pool.clone(), audit_stop.clone());
     let workers = TaskTracker::new();
-    workers.spawn(registry.clone().follow(pool.clone(), background.clone()));
+    workers.spawn(registry.clone().follow(
+        pool.clone(),
+        db::listener_pool(&config.db),
+        background.clone(),
+    ));
     workers.spawn(kafka::reconcile_loop(
         Arc::clone(&kafka),
         pool.clone(),

@@ -37,6 +37,15 @@ pub fn pool(cfg: &DbConfig) -> PgPool {
         .connect_lazy_with(cfg.connect_options())
 }
 
+/// A pool of one connection for the registry's LISTEN, which holds its connection for good:
+/// taken from [`pool`], it would leave `DB_MAXPOOLSIZE - 1` for requests (none with 1).
+pub fn listener_pool(cfg: &DbConfig) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(cfg.connect_timeout)
+        .connect_lazy_with(cfg.connect_options())
+}
+
 /// Runs `migrations` inside `schema` on a dedicated connection (creating the schema first), so
 /// the sqlx bookkeeping table lives in that schema and pooled connections keep their default
 /// search path. `schema` must already be a safe identifier.

@@ -47,13 +47,13 @@ where
 
 /// Descriptors for the given event types, in one query.
 pub async fn find_descriptors(
-    tx: &mut Transaction<'_, Postgres>,
+    pool: &PgPool,
     event_types: &[&str],
 ) -> sqlx::Result<Vec<StoredDescriptor>> {
     let rows: Vec<(sqlx::types::Json<StoredDescriptor>,)> =
         sqlx::query_as("SELECT descriptor FROM pubsub_config.event_descriptor WHERE id = ANY($1)")
             .bind(event_types)
-            .fetch_all(&mut **tx)
+            .fetch_all(pool)
             .await?;
     Ok(rows.into_iter().map(|(d,)| d.0).collect())
 }

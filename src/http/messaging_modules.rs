@@ -10,7 +10,6 @@ use utoipa_axum::routes;
 use super::extract::Tenant;
 use super::registrations::module_id_param;
 use super::AppState;
-use crate::db::registry;
 use crate::domain::ModuleRole;
 use crate::error::{AppError, AppResult};
 
@@ -50,12 +49,6 @@ async fn delete_messaging_modules(
         ))
     })?;
     let module = module_id_param(Some(module_id))?;
-    let mut tx = state.pool.begin().await?;
-    registry::lock_module(&mut tx, &tenant, role, &module).await?;
-    let deleted = registry::delete_module_rows(&mut tx, &tenant, role, &module, None).await?;
-    crate::registry::notify(&mut *tx, &tenant).await?;
-    tx.commit().await?;
-    super::registrations::registry_changed(&state, &tenant).await;
-    tracing::info!(%tenant, role = role.as_str(), module = %module, deleted = deleted.len(), "module unregistered");
+    crate::app::registrations::delete(&state.deps(), &tenant, role, &module, None).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -40,6 +40,17 @@ impl AppState {
     }
 }
 
+impl AppState {
+    /// What the service layer works on.
+    pub fn deps(&self) -> crate::app::Deps<'_> {
+        crate::app::Deps {
+            pool: &self.pool,
+            kafka: &self.kafka,
+            registry: &self.registry,
+        }
+    }
+}
+
 impl std::ops::Deref for AppState {
     type Target = Services;
 

@@ -7,13 +7,15 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
-use uuid::Uuid;
 
-use super::event_types::{pretty, EventDescriptor};
+use super::event_types::EventDescriptor;
 use super::extract::{FolioJson, Tenant};
-use super::registrations::{self, first_duplicate, MessagingModuleCollection, ModuleIdQuery};
+use super::registrations::{
+    self as http_registrations, first_duplicate, MessagingModuleCollection, ModuleIdQuery,
+};
 use super::AppState;
-use crate::db::registry::{self, Registration, StoredDescriptor};
+use crate::app::registrations;
+use crate::db::registry::StoredDescriptor;
 use crate::domain::{ModuleId, ModuleRole};
 use crate::error::{codes, AppError, AppResult, ErrorItem};
 
@@ -37,10 +39,10 @@ pub struct PublisherDescriptor {
 #[utoipa::path(post, path = "/pubsub/event-types/declare/publisher", tag = "publishers",
     params(("X-Okapi-Tenant" = String, Header, description = "Tenant id")),
     request_body = PublisherDescriptor,
-    responses((status = 201, description = "Declared; the topics exist"),
+    responses((status = 201, description = "Declared; its topics exist or are reported missing until created"),
               (status = 400, description = "Unknown or different event descriptors", body = crate::error::Errors),
               (status = 422, body = crate::error::Errors),
-              (status = 503, description = "Kafka did not answer; nothing was stored", body = String, content_type = "text/plain")))]
+              (status = 503, description = "The database did not answer; nothing was stored (Kafka trouble does not fail a declaration: its topics are created later)", body = String, content_type = "text/plain")))]
 async fn declare_publisher(
     Tenant(tenant): Tenant,
     State(state): State<AppState>,
@@ -57,55 +59,12 @@ async fn declare_publisher(
     if body.event_descriptors.is_empty() {
         return Ok(StatusCode::CREATED);
     }
-    let module = body.module_id;
-    let mut tx = state.pool.begin().await?;
-    let names: Vec<&str> = body
+    let descriptors: Vec<StoredDescriptor> = body
         .event_descriptors
-        .iter()
-        .map(|d| d.event_type.as_str())
+        .into_iter()
+        .map(StoredDescriptor::from)
         .collect();
-    let existing = registry::find_descriptors(&mut tx, &names).await?;
-    let mut errors = Vec::new();
-    for wanted in &body.event_descriptors {
-        let wanted = StoredDescriptor::from(wanted.clone());
-        match existing.iter().find(|e| e.event_type == wanted.event_type) {
-            None => errors.push(ErrorItem::message(format!("Event type '{}' does not exist", wanted.event_type))),
-            Some(e) if *e != wanted => errors.push(ErrorItem::message(format!(
-                "Publisher descriptor does not match existing descriptor for event type '{}'. To declare a publisher one should use the following descriptor: {}",
-                wanted.event_type,
-                pretty(e)
-            ))),
-            Some(_) => {}
-        }
-    }
-    if !errors.is_empty() {
-        return Err(AppError::BadRequestErrors(errors.into()));
-    }
-    registrations::ensure_topics(&state, &tenant, names.iter().copied()).await?;
-    registry::lock_module(&mut tx, &tenant, ModuleRole::Publisher, &module).await?;
-    let replaced =
-        registry::delete_module_rows(&mut tx, &tenant, ModuleRole::Publisher, &module, None)
-            .await?;
-    for d in &body.event_descriptors {
-        let row = Registration {
-            id: Uuid::new_v4(),
-            event_type_id: d.event_type.clone(),
-            tenant_id: tenant.to_string(),
-            role: ModuleRole::Publisher,
-            subscriber_callback: Some(String::new()),
-            module_id: module.to_string(),
-            activated: true,
-            created_date: replaced
-                .iter()
-                .find(|r| r.event_type_id == d.event_type)
-                .and_then(|r| r.created_date),
-        };
-        registry::insert_registration(&mut tx, &row).await?;
-    }
-    crate::registry::notify(&mut *tx, &tenant).await?;
-    tx.commit().await?;
-    registrations::registry_changed(&state, &tenant).await;
-    tracing::info!(%tenant, module = %module, event_types = ?names, replaced = replaced.len(), "publisher declared");
+    registrations::declare_publisher(&state.deps(), &tenant, &body.module_id, &descriptors).await?;
     Ok(StatusCode::CREATED)
 }
 
@@ -118,7 +77,7 @@ async fn list_publishers(
     State(state): State<AppState>,
     Path(event_type): Path<String>,
 ) -> AppResult<Json<MessagingModuleCollection>> {
-    registrations::list(&state, &tenant, &event_type, ModuleRole::Publisher)
+    http_registrations::list(&state, &tenant, &event_type, ModuleRole::Publisher)
         .await
         .map(Json)
 }
@@ -133,7 +92,7 @@ async fn delete_publishers(
     Path(event_type): Path<String>,
     Query(q): Query<ModuleIdQuery>,
 ) -> AppResult<StatusCode> {
-    registrations::delete(
+    http_registrations::delete(
         &state,
         &tenant,
         &event_type,

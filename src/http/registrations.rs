@@ -7,9 +7,10 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use super::AppState;
+use crate::app::registrations::{self as app, DescriptorMismatch, RegistrationError};
 use crate::db::registry::{self, Registration};
 use crate::domain::{EventType, ModuleId, ModuleRole, TenantId};
-use crate::error::{AppError, AppResult};
+use crate::error::{AppError, AppResult, ErrorItem};
 
 /// One registration of a module as publisher or subscriber of an event type in a tenant.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -96,15 +97,7 @@ pub(crate) async fn delete(
     let Ok(event_type) = EventType::parse(event_type) else {
         return Ok(StatusCode::NO_CONTENT);
     };
-    let event_type = event_type.as_str();
-    let mut tx = state.pool.begin().await?;
-    registry::lock_module(&mut tx, tenant, role, &module).await?;
-    let deleted =
-        registry::delete_module_rows(&mut tx, tenant, role, &module, Some(event_type)).await?;
-    crate::registry::notify(&mut *tx, tenant).await?;
-    tx.commit().await?;
-    registry_changed(state, tenant).await;
-    tracing::info!(%tenant, role = role.as_str(), module = %module, event_type, deleted = deleted.len(), "registrations deleted");
+    app::delete(&state.deps(), tenant, role, &module, Some(&event_type)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -116,35 +109,31 @@ pub(crate) fn first_duplicate<'a>(keys: impl Iterator<Item = &'a str>) -> Option
         .map(|(i, _)| i)
 }
 
-/// Creates the topics of `event_types` in `tenant` (and its dead-letter topic) for a declaration.
-/// When Kafka does not answer within `KAFKA_ADMIN_TIMEOUT_MS` or refuses, the declaration is
-/// stored anyway: the topics are reported missing (`/admin/health`, `pubsub_kafka_topics_missing`)
-/// until the reconciler has created them, and publishing to them answers 503 meanwhile.
-pub(crate) async fn ensure_topics<'a>(
-    state: &AppState,
-    tenant: &TenantId,
-    event_types: impl IntoIterator<Item = &'a str>,
-) -> AppResult<()> {
-    let mut topics = state.kafka.topic_set(tenant, event_types);
-    // The tenant's dead-letter topic, for the delivery engine and for direct consumers.
-    topics.insert(state.kafka.topics.dead_letters(tenant));
-    if let Err(e) = state.kafka.admin.ensure(&topics).await {
-        // Stored all the same (a module's tenant init accepts only 201, and the Java module
-        // answered it); the reconciler creates the topics once Kafka lets it, and a topic that
-        // exists already is fine whatever the ACLs say about creating it.
-        tracing::warn!(%tenant, error = %e, topics = topics.len(), "topics not created yet; the declaration is stored and the reconciler retries");
-        state.kafka.topics_still_missing(topics);
-    }
-    Ok(())
-}
-
 /// After a committed change: this instance sees it at once (the others through NOTIFY).
 pub(crate) async fn registry_changed(state: &AppState, tenant: &TenantId) {
-    if let Err(e) = state
-        .registry
-        .reload_tenant(&state.pool, tenant.as_str())
-        .await
-    {
-        tracing::warn!(%tenant, error = %e, "registry reload failed; the listener will catch up");
+    app::registry_changed(&state.deps(), tenant).await;
+}
+
+impl From<RegistrationError> for AppError {
+    fn from(e: RegistrationError) -> Self {
+        match e {
+            RegistrationError::Descriptors(mismatches) => AppError::BadRequestErrors(
+                mismatches
+                    .into_iter()
+                    .map(|m| match m {
+                        DescriptorMismatch::Unknown(event_type) => {
+                            ErrorItem::message(format!("Event type '{event_type}' does not exist"))
+                        }
+                        DescriptorMismatch::Different { existing } => ErrorItem::message(format!(
+                            "Publisher descriptor does not match existing descriptor for event type '{}'. To declare a publisher one should use the following descriptor: {}",
+                            existing.event_type,
+                            super::event_types::pretty(&existing)
+                        )),
+                    })
+                    .collect::<Vec<_>>()
+                    .into(),
+            ),
+            RegistrationError::Database(e) => e.into(),
+        }
     }
 }

@@ -7,12 +7,13 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
-use uuid::Uuid;
 
 use super::extract::{FolioJson, Tenant};
-use super::registrations::{self, first_duplicate, MessagingModuleCollection, ModuleIdQuery};
+use super::registrations::{
+    self as http_registrations, first_duplicate, MessagingModuleCollection, ModuleIdQuery,
+};
 use super::AppState;
-use crate::db::registry::{self, Registration, StoredDescriptor};
+use crate::app::registrations::{self, Entry};
 use crate::domain::{ModuleId, ModuleRole};
 use crate::error::{codes, AppError, AppResult, ErrorItem};
 use crate::event::event_type;
@@ -77,8 +78,8 @@ fn callback_address<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Str
 #[utoipa::path(post, path = "/pubsub/event-types/declare/subscriber", tag = "subscribers",
     params(("X-Okapi-Tenant" = String, Header, description = "Tenant id")),
     request_body = SubscriberDescriptor,
-    responses((status = 201, description = "Declared; the topics exist"), (status = 422, body = crate::error::Errors),
-              (status = 503, description = "Kafka did not answer; nothing was stored", body = String, content_type = "text/plain")))]
+    responses((status = 201, description = "Declared; its topics exist or are reported missing until created"), (status = 422, body = crate::error::Errors),
+              (status = 503, description = "The database did not answer; nothing was stored (Kafka trouble does not fail a declaration: its topics are created later)", body = String, content_type = "text/plain")))]
 async fn declare_subscriber(
     Tenant(tenant): Tenant,
     State(state): State<AppState>,
@@ -96,47 +97,14 @@ async fn declare_subscriber(
     if defs.is_empty() {
         return Ok(StatusCode::CREATED);
     }
-    let module: ModuleId = body.module_id.clone();
-    registrations::ensure_topics(&state, &tenant, defs.iter().map(|d| d.event_type.as_str()))
-        .await?;
-    let mut tx = state.pool.begin().await?;
-    for d in defs {
-        let placeholder = StoredDescriptor {
+    let entries: Vec<Entry> = defs
+        .iter()
+        .map(|d| Entry {
             event_type: d.event_type.clone(),
-            description: None,
-            event_ttl: 1,
-            signed: false,
-            tmp: true,
-        };
-        if registry::insert_descriptor_if_absent(&mut *tx, &placeholder).await? {
-            tracing::info!(event_type = %d.event_type, "temporary event descriptor created for a subscriber");
-        }
-    }
-    registry::lock_module(&mut tx, &tenant, ModuleRole::Subscriber, &module).await?;
-    let replaced =
-        registry::delete_module_rows(&mut tx, &tenant, ModuleRole::Subscriber, &module, None)
-            .await?;
-    for d in defs {
-        let row = Registration {
-            id: Uuid::new_v4(),
-            event_type_id: d.event_type.clone(),
-            tenant_id: tenant.to_string(),
-            role: ModuleRole::Subscriber,
-            subscriber_callback: d.callback_address.clone(),
-            module_id: module.to_string(),
-            activated: true,
-            created_date: replaced
-                .iter()
-                .find(|r| r.event_type_id == d.event_type)
-                .and_then(|r| r.created_date),
-        };
-        registry::insert_registration(&mut tx, &row).await?;
-    }
-    crate::registry::notify(&mut *tx, &tenant).await?;
-    tx.commit().await?;
-    registrations::registry_changed(&state, &tenant).await;
-    let event_types: Vec<&str> = defs.iter().map(|d| d.event_type.as_str()).collect();
-    tracing::info!(%tenant, module = %module, ?event_types, replaced = replaced.len(), "subscriber declared");
+            callback: d.callback_address.clone(),
+        })
+        .collect();
+    registrations::declare_subscriber(&state.deps(), &tenant, &body.module_id, &entries).await?;
     Ok(StatusCode::CREATED)
 }
 
@@ -149,7 +117,7 @@ async fn list_subscribers(
     State(state): State<AppState>,
     Path(event_type): Path<String>,
 ) -> AppResult<Json<MessagingModuleCollection>> {
-    registrations::list(&state, &tenant, &event_type, ModuleRole::Subscriber)
+    http_registrations::list(&state, &tenant, &event_type, ModuleRole::Subscriber)
         .await
         .map(Json)
 }
@@ -164,7 +132,7 @@ async fn delete_subscribers(
     Path(event_type): Path<String>,
     Query(q): Query<ModuleIdQuery>,
 ) -> AppResult<StatusCode> {
-    registrations::delete(
+    http_registrations::delete(
         &state,
         &tenant,
         &event_type,

@@ -302,3 +302,48 @@ async fn existing_topics_are_used_when_creation_is_not_allowed() {
     assert_eq!(r.status(), 503, "{body}");
     app.stop().await;
 }
+
+/// A declaration waiting for Kafka holds no database connection: with a pool of one and topic
+/// creation that never answers, other requests are served while the declaration waits.
+#[tokio::test]
+async fn a_declaration_waiting_for_kafka_holds_no_database_connection() {
+    let broker = CreateRefusingBroker::start().await;
+    let db = TestDb::create().await;
+    let port = broker.port.to_string();
+    let app = TestApp::spawn_on(db, move |e| {
+        e.insert("KAFKA_HOST".into(), "127.0.0.1".into());
+        e.insert("KAFKA_PORT".into(), port);
+        e.insert("KAFKA_ADMIN_TIMEOUT_MS".into(), "5000".into());
+        e.insert("DB_MAXPOOLSIZE".into(), "1".into());
+    })
+    .await;
+    app.enable_tenant(TENANT).await;
+    let d = descriptor("SLOW_TOPIC", "test event", 1);
+    assert_eq!(
+        app.post_json(TENANT, "/pubsub/event-types", &d)
+            .await
+            .status(),
+        201
+    );
+    broker
+        .refuse_creates
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let body = publisher("mod-slow-1.0.0", [d]);
+    {
+        let declaration = app.post_json(TENANT, "/pubsub/event-types/declare/publisher", &body);
+        tokio::pin!(declaration);
+        // Let the declaration reach Kafka, then ask for something that needs the pool.
+        let answered = tokio::select! {
+            r = &mut declaration => panic!("the declaration did not wait for Kafka: {}", r.status()),
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                tokio::select! {
+                    r = &mut declaration => panic!("the declaration finished first: {}", r.status()),
+                    r = app.req(reqwest::Method::GET, "/pubsub/event-types").send() => r.unwrap(),
+                }
+            }
+        };
+        assert_eq!(answered.status(), 200);
+        assert_eq!(declaration.await.status(), 201);
+    }
+    app.stop().await;
+}
