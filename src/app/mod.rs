@@ -2,17 +2,27 @@
 //! database, Kafka and the registry view. Handlers extract and validate input, call one function
 //! here and render its result in FOLIO's formats.
 
+pub mod publishing;
 pub mod registrations;
 
 use sqlx::PgPool;
 
+use crate::audit::AuditWriter;
+use crate::config::Config;
+use crate::delivery::Engine;
 use crate::kafka::Kafka;
+use crate::metrics::Metrics;
 use crate::registry::RegistryCache;
 
 /// What the service layer works on.
 #[derive(Clone, Copy)]
 pub struct Deps<'a> {
+    pub config: &'a Config,
     pub pool: &'a PgPool,
     pub kafka: &'a Kafka,
     pub registry: &'a RegistryCache,
+    pub audit: &'a AuditWriter,
+    pub metrics: &'a Metrics,
+    /// Woken by publishes (their partitions are fetched at once).
+    pub engine: &'a Engine,
 }

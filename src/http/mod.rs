@@ -44,9 +44,13 @@ impl AppState {
     /// What the service layer works on.
     pub fn deps(&self) -> crate::app::Deps<'_> {
         crate::app::Deps {
+            config: &self.config,
             pool: &self.pool,
             kafka: &self.kafka,
             registry: &self.registry,
+            audit: &self.audit,
+            metrics: &self.metrics,
+            engine: &self.engine,
         }
     }
 }
