@@ -17,6 +17,15 @@ ensure_kcat
 # The contract test fuzzes the API against its OpenAPI document with schemathesis.
 ensure_schemathesis
 
+# Formatting and lints are part of the suite.
+if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+  command -v rustup >/dev/null 2>&1 && rustup component add rustfmt clippy
+fi
+log "cargo fmt --check"
+cargo fmt --check || die "cargo fmt --check: run cargo fmt"
+log "cargo clippy --locked --all-targets -- -D warnings"
+cargo clippy --locked --all-targets -- -D warnings
+
 # The client library must build on its own, without the server's dependencies.
 log "cargo check --locked --lib --no-default-features --features client"
 cargo check --locked --lib --no-default-features --features client
