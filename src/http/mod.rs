@@ -22,6 +22,7 @@ use axum::Router;
 use sqlx::PgPool;
 use tokio_util::task::TaskTracker;
 use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
@@ -214,8 +215,37 @@ pub fn app(state: AppState) -> Router {
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(CatchPanicLayer::custom(panic_response))
-        .layer(TraceLayer::new_for_http())
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
+        // Okapi's request id, or a new one: in the span, the response and the Kafka record.
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
         .with_state(state)
+}
+
+const REQUEST_ID: axum::http::HeaderName =
+    axum::http::HeaderName::from_static("x-okapi-request-id");
+
+/// One span per request: method, route, tenant and request id, so that a request's log lines
+/// (and JSON logs' `span` fields) can be tied together.
+fn request_span(req: &axum::http::Request<axum::body::Body>) -> tracing::Span {
+    let header = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    };
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| req.uri().path().to_owned(), |p| p.as_str().to_owned());
+    tracing::info_span!(
+        "request",
+        method = %req.method(),
+        route,
+        tenant = header("x-okapi-tenant"),
+        request_id = header(REQUEST_ID.as_str()),
+    )
 }
 
 async fn not_found() -> Response {

@@ -142,3 +142,27 @@ async fn graceful_stop_and_secrets_stay_out_of_logs() {
         "the configuration is logged with its secrets redacted"
     );
 }
+
+/// Every response carries the request's `X-Okapi-Request-Id` (Okapi's, or a new one), which is
+/// also in the request's log span and in the Kafka records it writes.
+#[tokio::test]
+async fn requests_carry_a_request_id() {
+    let app = TestApp::spawn().await;
+    let r = app
+        .req(reqwest::Method::GET, "/pubsub/event-types")
+        .header("X-Okapi-Request-Id", "123456/pubsub")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-okapi-request-id"], "123456/pubsub");
+    let r = app
+        .req(reqwest::Method::GET, "/pubsub/event-types")
+        .send()
+        .await
+        .unwrap();
+    let generated = r.headers()["x-okapi-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(uuid::Uuid::parse_str(&generated).is_ok(), "{generated}");
+}
