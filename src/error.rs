@@ -195,25 +195,3 @@ impl IntoResponse for AppError {
         }
     }
 }
-
-/// Maps a named constraint violation to a 4xx instead of a 500.
-pub trait ResultExt<T> {
-    fn on_constraint(
-        self,
-        name: &str,
-        f: impl FnOnce(Box<dyn sqlx::error::DatabaseError>) -> AppError,
-    ) -> AppResult<T>;
-}
-
-impl<T, E: Into<AppError>> ResultExt<T> for Result<T, E> {
-    fn on_constraint(
-        self,
-        name: &str,
-        f: impl FnOnce(Box<dyn sqlx::error::DatabaseError>) -> AppError,
-    ) -> AppResult<T> {
-        self.map_err(|e| match e.into() {
-            AppError::Database(sqlx::Error::Database(db)) if db.constraint() == Some(name) => f(db),
-            other => other,
-        })
-    }
-}

@@ -2,8 +2,10 @@
 //! database, Kafka and the registry view. Handlers extract and validate input, call one function
 //! here and render its result in FOLIO's formats.
 
+pub mod event_types;
 pub mod publishing;
 pub mod registrations;
+pub mod tenants;
 
 use sqlx::PgPool;
 
@@ -25,4 +27,6 @@ pub struct Deps<'a> {
     pub metrics: &'a Metrics,
     /// Woken by publishes (their partitions are fetched at once).
     pub engine: &'a Engine,
+    /// Calls to Okapi (system user provisioning).
+    pub okapi_http: &'a reqwest::Client,
 }

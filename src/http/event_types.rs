@@ -11,9 +11,10 @@ use utoipa_axum::routes;
 
 use super::extract::{FolioJson, Tenant};
 use super::AppState;
+use crate::app::event_types::{self, EventTypeError};
 use crate::db::registry::{self, StoredDescriptor};
 use crate::domain::EventType;
-use crate::error::{AppError, AppResult, ResultExt};
+use crate::error::{AppError, AppResult};
 use crate::event::event_type;
 use crate::lenient;
 
@@ -123,27 +124,15 @@ async fn create_event_type(
     FolioJson(body): FolioJson<EventDescriptor>,
 ) -> AppResult<impl IntoResponse> {
     let wanted = StoredDescriptor::from(body.clone());
-    let mut tx = state.pool.begin().await?;
-    if !registry::insert_descriptor_if_absent(&mut *tx, &wanted).await? {
-        match registry::find_descriptor_for_update(&mut tx, &wanted.event_type).await? {
-            Some(existing) if existing.tmp => {
-                registry::update_descriptor(&mut *tx, &wanted).await?;
-            }
-            Some(existing) if existing == wanted => {}
-            Some(existing) => {
-                return Err(AppError::BadRequest(format!(
-                    "Event descriptor for event type '{}' already exists, but the content is different. Existing event descriptor: {}",
-                    wanted.event_type,
-                    pretty(&existing)
-                )))
-            }
-            // Deleted between the insert attempt and the read: insert it now.
-            None => registry::insert_descriptor(&mut *tx, &wanted).await?,
-        }
+    match event_types::register(&state.deps(), &wanted).await {
+        Ok(()) => Ok((StatusCode::CREATED, Json(body))),
+        Err(EventTypeError::Different { existing }) => Err(AppError::BadRequest(format!(
+            "Event descriptor for event type '{}' already exists, but the content is different. Existing event descriptor: {}",
+            wanted.event_type,
+            pretty(&existing)
+        ))),
+        Err(e) => Err(e.into()),
     }
-    tx.commit().await?;
-    tracing::info!(event_type = %wanted.event_type, "event type registered");
-    Ok((StatusCode::CREATED, Json(body)))
 }
 
 /// One event descriptor.
@@ -217,32 +206,35 @@ async fn delete_event_type(
             "EventDescriptor with event type name '{name}' was not found"
         ))
     };
-    if EventType::parse(&name).is_err() {
+    let Ok(event_type) = EventType::parse(&name) else {
         return Err(not_found());
-    }
-    let mut tx = state.pool.begin().await?;
-    if registry::find_descriptor(&mut *tx, &name).await?.is_none() {
-        return Err(not_found());
-    }
-    let modules = registry::modules_using_event_type(&mut tx, &name).await?;
-    if !modules.is_empty() {
-        return Err(AppError::BadRequest(format!(
+    };
+    match event_types::delete(&state.deps(), &event_type).await {
+        Ok(()) => Ok(StatusCode::NO_CONTENT),
+        Err(EventTypeError::NotFound) => Err(not_found()),
+        Err(EventTypeError::InUse { modules }) if !modules.is_empty() => Err(AppError::BadRequest(format!(
             "Event type {name} cannot be deleted. Modules [{}] are registered as publishers or subscribers for this event type.",
             modules.join(", ")
-        )));
-    }
-    let in_use = || {
-        AppError::BadRequest(format!(
+        ))),
+        Err(EventTypeError::InUse { .. }) => Err(AppError::BadRequest(format!(
             "Event type {name} cannot be deleted. Modules are registered for it."
-        ))
-    };
-    let deleted = registry::delete_descriptor(&mut tx, &name)
-        .await
-        .on_constraint("fk_event_type_id", |_| in_use())?;
-    if deleted != 1 {
-        return Err(not_found());
+        ))),
+        Err(e) => Err(e.into()),
     }
-    tx.commit().await?;
-    tracing::info!(event_type = %name, "event type deleted");
-    Ok(StatusCode::NO_CONTENT)
+}
+
+impl From<EventTypeError> for AppError {
+    fn from(e: EventTypeError) -> Self {
+        match e {
+            EventTypeError::Database(e) => e.into(),
+            EventTypeError::NotFound => AppError::NotFound("Event type not found".into()),
+            EventTypeError::InUse { .. } => {
+                AppError::BadRequest("Modules are registered for this event type".into())
+            }
+            EventTypeError::Different { existing } => AppError::BadRequest(format!(
+                "A different event descriptor exists: {}",
+                pretty(&existing)
+            )),
+        }
+    }
 }

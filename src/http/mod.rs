@@ -52,6 +52,7 @@ impl AppState {
             audit: &self.audit,
             metrics: &self.metrics,
             engine: &self.engine,
+            okapi_http: &self.okapi_http,
         }
     }
 }

@@ -109,11 +109,6 @@ pub(crate) fn first_duplicate<'a>(keys: impl Iterator<Item = &'a str>) -> Option
         .map(|(i, _)| i)
 }
 
-/// After a committed change: this instance sees it at once (the others through NOTIFY).
-pub(crate) async fn registry_changed(state: &AppState, tenant: &TenantId) {
-    app::registry_changed(&state.deps(), tenant).await;
-}
-
 impl From<RegistrationError> for AppError {
     fn from(e: RegistrationError) -> Self {
         match e {

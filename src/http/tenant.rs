@@ -15,8 +15,8 @@ use uuid::Uuid;
 
 use super::extract::{FolioJson, Tenant};
 use super::AppState;
+use crate::app::tenants::{self, OkapiHeaders};
 use crate::db;
-use crate::domain::TenantId;
 use crate::error::{codes, AppError, AppResult, ErrorItem};
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -122,18 +122,15 @@ async fn post_tenant(
 ) -> AppResult<Response> {
     attrs.check_storable()?;
     if attrs.purge == Some(true) {
-        let registrations = db::tenants::purge(&state.config.db, &tenant).await?;
-        super::registrations::registry_changed(&state, &tenant).await;
-        tracing::info!(%tenant, registrations, "tenant purged: schema dropped, registrations deleted");
+        tenants::purge(&state.deps(), &tenant).await?;
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
     if attrs.module_to.is_none() {
         tracing::info!(%tenant, module_from = ?attrs.module_from, "tenant disabled");
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
-    let id = Uuid::new_v4();
     let attributes = serde_json::to_value(&attrs).map_err(anyhow::Error::from)?;
-    db::jobs::insert(&state.pool, id, &tenant, &attributes).await?;
+    let id = tenants::create_job(&state.deps(), &tenant, &attributes).await?;
     tracing::info!(%tenant, job = %id, module_from = ?attrs.module_from, module_to = ?attrs.module_to, "tenant init job started");
     let okapi = OkapiHeaders {
         url: headers
@@ -148,9 +145,9 @@ async fn post_tenant(
     };
     let job_state = state.clone();
     let job_tenant = tenant.clone();
-    state
-        .tasks
-        .spawn(async move { run_job(job_state, job_tenant, id, okapi).await });
+    state.tasks.spawn(async move {
+        tenants::run_install_job(&job_state.deps(), &job_tenant, id, okapi).await
+    });
     let body = TenantJob {
         id,
         tenant: tenant.to_string(),
@@ -165,80 +162,6 @@ async fn post_tenant(
         Json(body),
     )
         .into_response())
-}
-
-/// The work of an install/upgrade job; its outcome is recorded in the job row.
-/// Where the `_tenant` request says Okapi is, and its token (kept only for the job).
-struct OkapiHeaders {
-    url: String,
-    token: Option<String>,
-}
-
-async fn run_job(state: AppState, tenant: TenantId, id: Uuid, okapi: OkapiHeaders) {
-    let mut outcome = match db::tenants::migrate(&state.config.db, &tenant, Some(id)).await {
-        Ok(false) => {
-            tracing::info!(%tenant, job = %id, "tenant init job dropped: the tenant was purged before it started");
-            return;
-        }
-        other => other.map(|_| ()),
-    };
-    if outcome.is_ok() {
-        // Every instance learns that the tenant is enabled.
-        outcome = crate::registry::notify(&state.pool, &tenant)
-            .await
-            .map_err(anyhow::Error::from);
-        super::registrations::registry_changed(&state, &tenant).await;
-    }
-    let (mut error, mut messages) = match outcome {
-        Ok(()) => (
-            None,
-            vec![format!("schema {} is up to date", tenant.schema_name())],
-        ),
-        Err(err) => {
-            tracing::error!(%tenant, job = %id, error = format!("{err:#}"), "tenant init failed");
-            (
-                Some(format!(
-                    "Failed to migrate schema {}: {err:#}",
-                    tenant.schema_name()
-                )),
-                vec![],
-            )
-        }
-    };
-    if error.is_none() && state.config.system_user.create {
-        let call = crate::system_user::OkapiCall {
-            http: &state.okapi_http,
-            url: &okapi.url,
-            tenant: &tenant,
-            token: okapi.token.as_deref(),
-        };
-        match crate::system_user::provision(&call, &state.config.system_user).await {
-            Ok(()) => messages.push(format!(
-                "system user {} is ready",
-                state.config.system_user.name
-            )),
-            Err(e) => {
-                tracing::error!(%tenant, job = %id, error = %e, "system user provisioning failed");
-                error = Some(e);
-            }
-        }
-    }
-    // The job row must be completed or Okapi polls forever: retry while the database is away.
-    let mut delay = Duration::from_millis(100);
-    for attempt in 1..=20 {
-        match db::jobs::finish(&state.pool, id, error.as_deref(), &messages).await {
-            Ok(()) => {
-                tracing::info!(%tenant, job = %id, failed = error.is_some(), "tenant init job complete");
-                return;
-            }
-            Err(err) => {
-                tracing::warn!(%tenant, job = %id, attempt, error = %err, "could not record tenant job outcome, retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
-    tracing::error!(%tenant, job = %id, "gave up recording the tenant job outcome");
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -275,16 +198,10 @@ async fn get_job(
         }
         w => w.unsigned_abs().min(MAX_WAIT_MS),
     };
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(wait);
-    loop {
-        let job = db::jobs::find(&state.pool, id, &tenant)
-            .await?
-            .ok_or_else(|| AppError::NotFound(format!("Job not found {id}")))?;
-        if job.complete || tokio::time::Instant::now() >= deadline {
-            return Ok(Json(job.into()));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    tenants::wait_for_job(&state.deps(), &tenant, id, Duration::from_millis(wait))
+        .await?
+        .map(|job| Json(job.into()))
+        .ok_or_else(|| AppError::NotFound(format!("Job not found {id}")))
 }
 
 /// Deletes a tenant job record.
