@@ -54,6 +54,8 @@ pub struct Config {
     pub max_request_size: usize,
     pub audit: AuditConfig,
     pub delivery: DeliveryConfig,
+    /// `SHUTDOWN_TIMEOUT_MS`: how long a stop may take in all, from the signal to exit.
+    pub shutdown_timeout: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -409,6 +411,10 @@ impl Config {
             )?),
         };
 
+        // Kubernetes' default grace period is 30 s: stop within it.
+        let shutdown_timeout =
+            Duration::from_millis(r.number("SHUTDOWN_TIMEOUT_MS", 25_000u64, 1_000, 600_000)?);
+
         Ok(Config {
             http_port,
             db,
@@ -419,6 +425,7 @@ impl Config {
             max_request_size,
             audit,
             delivery,
+            shutdown_timeout,
         })
     }
 }

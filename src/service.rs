@@ -1,5 +1,6 @@
 //! Starting and stopping the whole service.
 
+use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,8 +13,6 @@ use crate::{audit, db, delivery, http, kafka, metrics, registry, system_user};
 
 /// How long start-up waits for the database before giving up.
 pub const DB_STARTUP_PATIENCE: Duration = Duration::from_secs(30);
-/// How long graceful shutdown waits for background work.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// How many tenant schemas start-up migrates at once.
 const UPGRADE_CONCURRENCY: usize = 4;
@@ -123,6 +122,7 @@ pub async fn run(
         config.audit.clone(),
         background.clone(),
     ));
+    let config_shutdown_timeout = config.shutdown_timeout;
     let config = Arc::new(config);
     // Calls to Okapi (system user, logins) are bounded like deliveries.
     let okapi_http = reqwest::Client::builder()
@@ -171,31 +171,55 @@ pub async fn run(
             tracing::debug!(error = %e, "TCP_NODELAY not set");
         }
     });
-    axum::serve(listener, http::app(state))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await?;
+    let serve = axum::serve(listener, http::app(state))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .into_future();
+    tokio::pin!(serve);
+    tokio::select! {
+        served = &mut serve => served?,
+        _ = shutdown.cancelled() => {}
+    }
 
-    // Drain: tenant jobs, then background loops, then the audit queue, then Kafka.
-    tasks.close();
-    if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait())
+    // One deadline for the whole stop. Requests, tenant jobs, replays and background work get
+    // it all but a reserve; the audit queue and the producer's flush share the reserve (their
+    // rows and records come from the work before them).
+    let timeout = config_shutdown_timeout;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let reserve = (timeout / 4).min(Duration::from_secs(5));
+    let work_deadline = deadline - reserve;
+    if tokio::time::timeout_at(work_deadline, &mut serve)
         .await
         .is_err()
     {
-        tracing::warn!("tenant jobs did not finish within the shutdown grace period");
+        tracing::warn!("requests still running at the shutdown deadline are abandoned");
     }
+    // Delivery, the reconciler and replays stop now; tenant jobs finish their migration.
     background.cancel();
-    let _ = tokio::time::timeout(SHUTDOWN_GRACE, workers.wait()).await;
-    audit_stop.cancel();
-    if tokio::time::timeout(SHUTDOWN_GRACE, audit_writer)
+    tasks.close();
+    if tokio::time::timeout_at(work_deadline, tasks.wait())
         .await
         .is_err()
     {
-        tracing::error!("audit writer did not finish within the shutdown grace period");
+        tracing::warn!("tenant jobs or replays did not finish by the shutdown deadline");
     }
+    if tokio::time::timeout_at(work_deadline, workers.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("background work did not finish by the shutdown deadline");
+    }
+    audit_stop.cancel();
+    if tokio::time::timeout_at(deadline, audit_writer)
+        .await
+        .is_err()
+    {
+        tracing::error!("audit writer did not finish by the shutdown deadline");
+    }
+    let left = deadline
+        .saturating_duration_since(tokio::time::Instant::now())
+        .max(Duration::from_millis(100));
     let producer_kafka = Arc::clone(&kafka);
-    let _ =
-        tokio::task::spawn_blocking(move || producer_kafka.producer.flush(Duration::from_secs(10)))
-            .await;
+    let _ = tokio::task::spawn_blocking(move || producer_kafka.producer.flush(left)).await;
     pool.close().await;
     tracing::info!("mod-pubsub stopped");
     Ok(())

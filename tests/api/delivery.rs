@@ -808,3 +808,33 @@ async fn purging_a_tenant_stops_its_deliveries() {
         "nothing delivered after the purge"
     );
 }
+
+/// A stop keeps to `SHUTDOWN_TIMEOUT_MS` in all, even with a callback that does not answer (its
+/// event is not committed, so it is delivered again after the restart).
+#[tokio::test]
+async fn a_stop_keeps_to_its_deadline_with_a_callback_hanging() {
+    let fake = FakeOkapi::start().await;
+    fake.delay_ms
+        .store(60_000, std::sync::atomic::Ordering::SeqCst);
+    let app = delivering_app_with(
+        &fake,
+        &[
+            ("DELIVERY_TIMEOUT_MS", "60000"),
+            ("SHUTDOWN_TIMEOUT_MS", "2000"),
+        ],
+    )
+    .await;
+    register_publisher(&app, "diku", "HANGING", "mod-pub-1.0.0").await;
+    subscribe(&app, "mod-sub-1.0.0", "HANGING", "/hanging").await;
+    publish(&app, "HANGING", "{}").await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while fake.concurrent.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "the callback never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let started = Instant::now();
+    app.stop().await;
+    let took = started.elapsed();
+    // The deadline plus the time a test machine may lose; the callback alone would take 60 s.
+    assert!(took < Duration::from_secs(8), "the stop took {took:?}");
+}
