@@ -38,6 +38,58 @@ pub const PERMISSIONS: [&str; 13] = [
     "patron-blocks.handlers.loan-closed.post",
 ];
 
+/// Why provisioning the system user failed (the `_tenant` job's error message).
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    #[error("Okapi did not answer: {0}")]
+    Unreachable(#[from] reqwest::Error),
+    #[error("Unable to update the {user} user: {body}")]
+    UpdateUser { user: String, body: String },
+    #[error("Failed to create {user} user. Received status code {status}")]
+    CreateUser { user: String, status: u16 },
+    #[error("Failed to save {user} user credentials. Received status code {status}")]
+    SaveCredentials { user: String, status: u16 },
+    #[error("Unreadable permissions of {user}: {source}")]
+    UnreadablePermissions {
+        user: String,
+        source: serde_json::Error,
+    },
+    #[error("Failed to update permissions {permissions} for {user} user. Received status code {status}: {body}")]
+    UpdatePermissions {
+        permissions: String,
+        user: String,
+        status: u16,
+        body: String,
+    },
+    #[error("Failed to add permissions {permissions} for {user} user. Received status code {status}: {body}")]
+    AddPermissions {
+        permissions: String,
+        user: String,
+        status: u16,
+        body: String,
+    },
+    #[error("Failed to get permissions for {user} user. Received status code {status}: {body}")]
+    GetPermissions {
+        user: String,
+        status: u16,
+        body: String,
+    },
+}
+
+/// Why the system user could not log in.
+#[derive(Debug, thiserror::Error)]
+pub enum LoginError {
+    #[error("{user} user was not logged in: {source}")]
+    Unreachable {
+        user: String,
+        source: reqwest::Error,
+    },
+    #[error("{user} user was not logged in, received status {status}")]
+    Refused { user: String, status: u16 },
+    #[error("Failed to fetch folioAccessToken from cookies")]
+    NoToken,
+}
+
 /// A token without `Max-Age` is kept this long.
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
 
@@ -63,18 +115,21 @@ impl OkapiCall<'_> {
         r
     }
 
-    async fn send(&self, r: reqwest::RequestBuilder) -> Result<(StatusCode, String), String> {
-        let resp = r
-            .send()
-            .await
-            .map_err(|e| format!("Okapi did not answer: {e}"))?;
+    async fn send(
+        &self,
+        r: reqwest::RequestBuilder,
+    ) -> Result<(StatusCode, String), ProvisionError> {
+        let resp = r.send().await?;
         let status = resp.status();
         Ok((status, resp.text().await.unwrap_or_default()))
     }
 }
 
 /// Creates or repairs the system user of a tenant; the error is the job's error message.
-pub async fn provision(okapi: &OkapiCall<'_>, cfg: &SystemUserConfig) -> Result<(), String> {
+pub async fn provision(
+    okapi: &OkapiCall<'_>,
+    cfg: &SystemUserConfig,
+) -> Result<(), ProvisionError> {
     let name = &cfg.name;
     let query = format!("username==\"{}\"", cql_escape(name));
     let url = format!("/users?query={}", utf8_percent(&query));
@@ -108,7 +163,10 @@ pub async fn provision(okapi: &OkapiCall<'_>, cfg: &SystemUserConfig) -> Result<
                     )
                     .await?;
                 if status != StatusCode::NO_CONTENT {
-                    return Err(format!("Unable to update the {name} user: {body}"));
+                    return Err(ProvisionError::UpdateUser {
+                        user: name.clone(),
+                        body,
+                    });
                 }
             }
             id
@@ -120,10 +178,10 @@ pub async fn provision(okapi: &OkapiCall<'_>, cfg: &SystemUserConfig) -> Result<
                 .send(okapi.request(reqwest::Method::POST, "/users").json(&user))
                 .await?;
             if status != StatusCode::CREATED {
-                return Err(format!(
-                    "Failed to create {name} user. Received status code {}",
-                    status.as_u16()
-                ));
+                return Err(ProvisionError::CreateUser {
+                    user: name.clone(),
+                    status: status.as_u16(),
+                });
             }
             let credentials =
                 json!({"username": name, "password": cfg.password.expose_secret(), "userId": id});
@@ -135,10 +193,10 @@ pub async fn provision(okapi: &OkapiCall<'_>, cfg: &SystemUserConfig) -> Result<
                 )
                 .await?;
             if status != StatusCode::CREATED {
-                return Err(format!(
-                    "Failed to save {name} user credentials. Received status code {}",
-                    status.as_u16()
-                ));
+                return Err(ProvisionError::SaveCredentials {
+                    user: name.clone(),
+                    status: status.as_u16(),
+                });
             }
             id
         }
@@ -154,8 +212,12 @@ pub async fn provision(okapi: &OkapiCall<'_>, cfg: &SystemUserConfig) -> Result<
         .await?;
     match status {
         StatusCode::OK => {
-            let mut perm_user: Value = serde_json::from_str(&body)
-                .map_err(|e| format!("Unreadable permissions of {name}: {e}"))?;
+            let mut perm_user: Value = serde_json::from_str(&body).map_err(|source| {
+                ProvisionError::UnreadablePermissions {
+                    user: name.clone(),
+                    source,
+                }
+            })?;
             let have: BTreeSet<&str> = perm_user["permissions"]
                 .as_array()
                 .into_iter()
@@ -177,10 +239,12 @@ pub async fn provision(okapi: &OkapiCall<'_>, cfg: &SystemUserConfig) -> Result<
                 )
                 .await?;
             if status != StatusCode::OK {
-                return Err(format!(
-                    "Failed to update permissions {list} for {name} user. Received status code {}: {body}",
-                    status.as_u16()
-                ));
+                return Err(ProvisionError::UpdatePermissions {
+                    permissions: list,
+                    user: name.clone(),
+                    status: status.as_u16(),
+                    body,
+                });
             }
         }
         StatusCode::NOT_FOUND => {
@@ -193,17 +257,20 @@ pub async fn provision(okapi: &OkapiCall<'_>, cfg: &SystemUserConfig) -> Result<
                 )
                 .await?;
             if status != StatusCode::CREATED {
-                return Err(format!(
-                    "Failed to add permissions {list} for {name} user. Received status code {}: {body}",
-                    status.as_u16()
-                ));
+                return Err(ProvisionError::AddPermissions {
+                    permissions: list,
+                    user: name.clone(),
+                    status: status.as_u16(),
+                    body,
+                });
             }
         }
         other => {
-            return Err(format!(
-                "Failed to get permissions for {name} user. Received status code {}: {body}",
-                other.as_u16()
-            ))
+            return Err(ProvisionError::GetPermissions {
+                user: name.clone(),
+                status: other.as_u16(),
+                body,
+            })
         }
     }
     Ok(())
@@ -253,7 +320,7 @@ impl Tokens {
     }
 
     /// The token to send, `None` when the system user is disabled (`SYSTEM_USER_CREATE=false`).
-    pub async fn token(&self, tenant: &TenantId) -> Result<Option<String>, String> {
+    pub async fn token(&self, tenant: &TenantId) -> Result<Option<String>, LoginError> {
         if !self.cfg.create {
             return Ok(None);
         }
@@ -291,7 +358,7 @@ impl Tokens {
                 self.failures
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .insert(tenant.to_string(), e.clone());
+                    .insert(tenant.to_string(), e.to_string());
                 Err(e)
             }
         }
@@ -318,7 +385,7 @@ impl Tokens {
         v
     }
 
-    async fn login(&self, tenant: &TenantId) -> Result<(String, Duration), String> {
+    async fn login(&self, tenant: &TenantId) -> Result<(String, Duration), LoginError> {
         let name = &self.cfg.name;
         let resp = self
             .http
@@ -328,12 +395,15 @@ impl Tokens {
             .json(&json!({"username": name, "password": self.cfg.password.expose_secret()}))
             .send()
             .await
-            .map_err(|e| format!("{name} user was not logged in: {e}"))?;
+            .map_err(|source| LoginError::Unreachable {
+                user: name.clone(),
+                source,
+            })?;
         if resp.status() != StatusCode::CREATED {
-            return Err(format!(
-                "{name} user was not logged in, received status {}",
-                resp.status().as_u16()
-            ));
+            return Err(LoginError::Refused {
+                user: name.clone(),
+                status: resp.status().as_u16(),
+            });
         }
         for cookie in resp.headers().get_all(reqwest::header::SET_COOKIE) {
             let Ok(cookie) = cookie.to_str() else {
@@ -355,7 +425,7 @@ impl Tokens {
                 .unwrap_or(DEFAULT_TOKEN_LIFETIME);
             return Ok((value.to_owned(), max_age));
         }
-        Err("Failed to fetch folioAccessToken from cookies".to_owned())
+        Err(LoginError::NoToken)
     }
 }
 

@@ -99,7 +99,7 @@ pub async fn run_install_job(deps: &Deps<'_>, tenant: &TenantId, id: Uuid, okapi
             )),
             Err(e) => {
                 tracing::error!(%tenant, job = %id, error = %e, "system user provisioning failed");
-                error = Some(e);
+                error = Some(e.to_string());
             }
         }
     }
