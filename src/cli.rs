@@ -253,8 +253,9 @@ pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
                 let mut event = OutgoingEvent::new(&event_type, &published_by, payload);
                 event.key = key;
                 publisher.send(&event).await.map_err(|e| {
-                    let e = anyhow!("{e}");
-                    if e.to_string().contains("MessageTimedOut") {
+                    let timeout = e.is_timeout();
+                    let e = anyhow!(e);
+                    if timeout {
                         e.context("not acknowledged in time: is Kafka reachable, and does the topic exist? (it is created when a publisher or subscriber of the event type is registered: mod-pubsub register)")
                     } else {
                         e

@@ -88,7 +88,7 @@ impl DeadLetterSink for ServiceSink {
                 .admin
                 .ensure(&BTreeSet::from([record.topic.clone()]))
                 .await
-                .map_err(|e| ClientError::Kafka(e.to_string()))?;
+                .map_err(|e| ClientError::Sink(e.into()))?;
             let key = String::from_utf8_lossy(&record.key);
             let out = OutgoingRecord {
                 topic: &record.topic,
@@ -105,7 +105,7 @@ impl DeadLetterSink for ServiceSink {
                 .send(&out)
                 .await
                 .map(|_| ())
-                .map_err(|e| ClientError::Kafka(e.to_string()))
+                .map_err(|e| ClientError::Sink(e.into()))
         })
     }
 }

@@ -155,7 +155,10 @@ impl DeadLetterSink for ProducerSink {
                 .send(out, Timeout::After(Duration::from_secs(30)))
                 .await
                 .map(|_| ())
-                .map_err(|(e, _)| ClientError::Kafka(format!("{}: {e}", record.topic)))
+                .map_err(|(source, _)| ClientError::Write {
+                    topic: record.topic.to_string(),
+                    source,
+                })
         })
     }
 }
@@ -261,7 +264,7 @@ impl DirectConsumer {
         dispatcher.subscribe(&names)?;
         let producer = idempotent_producer(&mut producer_cfg)
             .create()
-            .map_err(|e| ClientError::Kafka(e.to_string()))?;
+            .map_err(ClientError::Kafka)?;
         Ok(DirectConsumer {
             dispatcher,
             sink: Arc::new(ProducerSink(producer)),

@@ -1063,7 +1063,7 @@ impl Dispatcher {
         let fetch_cfg = fetcher_config(&mut cfg, options);
         let member: StreamConsumer<CoreContext> = dispatcher_config(&mut cfg, options)
             .create_with_context(context)
-            .map_err(|e| ClientError::Kafka(e.to_string()))?;
+            .map_err(ClientError::Kafka)?;
         Ok(Dispatcher {
             member: Arc::new(member),
             changes: Mutex::new(Some(rx)),
@@ -1078,9 +1078,7 @@ impl Dispatcher {
 
     /// Subscribes to these topics (names or `^`-patterns), replacing the current subscription.
     pub fn subscribe(&self, topics: &[&str]) -> Result<(), ClientError> {
-        self.member
-            .subscribe(topics)
-            .map_err(|e| ClientError::Kafka(e.to_string()))
+        self.member.subscribe(topics).map_err(ClientError::Kafka)
     }
 
     /// Names of topics this instance just wrote to: their parked partitions are fetched at once

@@ -122,7 +122,35 @@ pub enum ClientError {
         source: reqwest::Error,
     },
     #[error("Kafka: {0}")]
-    Kafka(String),
+    Kafka(#[from] rdkafka::error::KafkaError),
+    /// Writing to `topic` failed.
+    #[error("Kafka: {topic}: {source}")]
+    Write {
+        topic: String,
+        source: rdkafka::error::KafkaError,
+    },
+    /// The service's dead-letter writer failed (topic creation or the write).
+    #[error("Kafka: {0}")]
+    Sink(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The producer went away before Kafka acknowledged a record for `topic`.
+    #[error("Kafka: {topic}: the producer was dropped before Kafka acknowledged")]
+    Dropped { topic: String },
+}
+
+impl ClientError {
+    /// Whether Kafka did not acknowledge a record in time (unreachable, or no such topic).
+    pub fn is_timeout(&self) -> bool {
+        use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+        matches!(
+            self,
+            ClientError::Kafka(KafkaError::MessageProduction(
+                RDKafkaErrorCode::MessageTimedOut
+            )) | ClientError::Write {
+                source: KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut),
+                ..
+            }
+        )
+    }
 }
 
 /// A module's `MessagingDescriptor.json`.
@@ -231,5 +259,25 @@ impl Registrar {
                 .await?;
         }
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+
+    #[test]
+    fn timeouts_are_told_apart_by_their_code() {
+        let timed_out = KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut);
+        let too_large = KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge);
+        let write = |source| ClientError::Write {
+            topic: "t".into(),
+            source,
+        };
+        assert!(write(timed_out.clone()).is_timeout());
+        assert!(ClientError::Kafka(timed_out).is_timeout());
+        assert!(!write(too_large).is_timeout());
+        assert!(!ClientError::Dropped { topic: "t".into() }.is_timeout());
     }
 }

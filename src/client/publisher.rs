@@ -109,7 +109,7 @@ impl DirectPublisher {
         }
         let producer = idempotent_producer(&mut cfg)
             .create()
-            .map_err(|e| ClientError::Kafka(e.to_string()))?;
+            .map_err(ClientError::Kafka)?;
         Ok(DirectPublisher {
             producer,
             topics,
@@ -226,7 +226,12 @@ impl DirectPublisher {
                     record = r;
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
-                Err((e, _)) => return Err(ClientError::Kafka(format!("{}: {e}", p.topic))),
+                Err((source, _)) => {
+                    return Err(ClientError::Write {
+                        topic: p.topic.to_string(),
+                        source,
+                    })
+                }
             }
         }
     }
@@ -234,10 +239,13 @@ impl DirectPublisher {
     async fn acknowledged(topic: &str, ack: DeliveryFuture) -> Result<(), ClientError> {
         match ack.await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err((e, _))) => Err(ClientError::Kafka(format!("{topic}: {e}"))),
-            Err(_) => Err(ClientError::Kafka(format!(
-                "{topic}: the producer was dropped before Kafka acknowledged"
-            ))),
+            Ok(Err((source, _))) => Err(ClientError::Write {
+                topic: topic.to_owned(),
+                source,
+            }),
+            Err(_) => Err(ClientError::Dropped {
+                topic: topic.to_owned(),
+            }),
         }
     }
 }
