@@ -45,7 +45,7 @@ use crate::event::Event;
 use crate::kafka::producer::OutgoingRecord;
 use crate::kafka::Kafka;
 use crate::metrics::{Metrics, ModuleLabels};
-use crate::registry::{RegistryCache, Subscriber};
+use crate::registry_cache::{RegistryCache, Subscriber};
 
 /// Events a little older than the registration are still delivered (clock skew).
 const SINCE_GRACE: chrono::Duration = chrono::Duration::seconds(2);

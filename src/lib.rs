@@ -44,7 +44,7 @@ pub mod memory;
 #[cfg(feature = "server")]
 pub mod metrics;
 #[cfg(feature = "server")]
-pub mod registry;
+pub mod registry_cache;
 #[cfg(feature = "server")]
 pub mod system_user;
 

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use crate::config::Config;
-use crate::{audit, db, delivery, http, kafka, metrics, registry, system_user};
+use crate::{audit, db, delivery, http, kafka, metrics, registry_cache, system_user};
 
 /// How long start-up waits for the database before giving up.
 pub const DB_STARTUP_PATIENCE: Duration = Duration::from_secs(30);
@@ -96,7 +96,7 @@ pub async fn run(
         kafka::Kafka::new(&config)
             .map_err(|e| anyhow::anyhow!("Kafka client configuration: {e}"))?,
     );
-    let registry = registry::RegistryCache::default();
+    let registry = registry_cache::RegistryCache::default();
     if let Err(e) = registry.reload_all(&pool).await {
         tracing::warn!(error = %e, "could not load the registry yet; it follows the database");
     }
@@ -111,7 +111,7 @@ pub async fn run(
         db::listener_pool(&config.db),
         background.clone(),
     ));
-    workers.spawn(kafka::reconcile_loop(
+    workers.spawn(kafka::reconciler::reconcile_loop(
         Arc::clone(&kafka),
         pool.clone(),
         background.clone(),

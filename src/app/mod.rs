@@ -14,7 +14,7 @@ use crate::config::Config;
 use crate::delivery::Engine;
 use crate::kafka::Kafka;
 use crate::metrics::Metrics;
-use crate::registry::RegistryCache;
+use crate::registry_cache::RegistryCache;
 
 /// What the service layer works on.
 #[derive(Clone, Copy)]

@@ -12,7 +12,7 @@ use crate::domain::{EventType, FolioUuid, TenantId};
 use crate::event::{now_string, EventMetadata};
 use crate::kafka::producer::{OutgoingRecord, PublishError};
 use crate::metrics::Metrics;
-use crate::registry::PublisherCheck;
+use crate::registry_cache::PublisherCheck;
 
 /// An [`Event`](crate::event::Event) as published, its payload kept as the JSON string literal
 /// of the request: it is neither unescaped when read nor escaped again when written to Kafka (for

@@ -72,7 +72,7 @@ pub struct Services {
     /// Background work (tenant jobs) that graceful shutdown waits for.
     pub tasks: TaskTracker,
     pub kafka: Arc<crate::kafka::Kafka>,
-    pub registry: crate::registry::RegistryCache,
+    pub registry: crate::registry_cache::RegistryCache,
     pub audit: crate::audit::AuditWriter,
     /// HTTP client for calls to Okapi (system user provisioning).
     pub okapi_http: reqwest::Client,
