@@ -362,7 +362,7 @@ pub fn postgres_pids(database: Option<&str>) -> Vec<u32> {
 
 /// Brokers of the bench's own (memory storage, a free port), as the tests start them: every run
 /// starts on an empty broker and the broker's peak RSS is the run's.
-#[path = "../../tests/api/kafka_util.rs"]
+#[path = "../../tests/api/helpers/kafka.rs"]
 #[allow(dead_code)]
 mod kafka_util;
 #[allow(unused_imports)]

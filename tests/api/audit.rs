@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use crate::helpers::*;
-use crate::publish::{event, new_id, register_publisher};
+use crate::helpers::{event, new_id, register_publisher};
 
 #[tokio::test]
 async fn audit_rows_wait_for_the_database_instead_of_being_lost() {

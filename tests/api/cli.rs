@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::delivery::{delivering_app, FakeOkapi};
 use crate::helpers::*;
+use crate::helpers::{delivering_app, FakeOkapi};
 
 struct Out {
     ok: bool,
@@ -350,7 +350,7 @@ async fn publish_until_tailed(
 #[tokio::test]
 async fn tail_follows_new_events_until_it_is_killed_and_leaves_older_ones_alone() {
     let app = TestApp::spawn().await;
-    crate::publish::register_publisher(&app, "diku", "TAILED", "mod-pub-1.0.0").await;
+    crate::helpers::register_publisher(&app, "diku", "TAILED", "mod-pub-1.0.0").await;
     let old = publish(&app, "diku", "TAILED", r#"{"n":"old"}"#).await;
 
     // Without --from-beginning or --count: new events, for as long as it runs.
@@ -381,7 +381,7 @@ async fn tail_follows_new_events_until_it_is_killed_and_leaves_older_ones_alone(
 async fn tail_of_all_tenants_and_kafka_flags_over_the_environment() {
     let app = TestApp::spawn().await;
     for tenant in ["diku", "other"] {
-        crate::publish::register_publisher(&app, tenant, "EVERYWHERE", "mod-pub-1.0.0").await;
+        crate::helpers::register_publisher(&app, tenant, "EVERYWHERE", "mod-pub-1.0.0").await;
     }
     let (host, port, env) = (
         app.env["KAFKA_HOST"].clone(),
@@ -512,7 +512,7 @@ async fn tail_waits_for_a_topic_that_does_not_exist_yet() {
     assert!(waiting.contains(&app.topic("diku", "LATER")), "{waiting}");
 
     // Registering creates the topic; the tail picks it up and prints what is published then.
-    crate::publish::register_publisher(&app, "diku", "LATER", "mod-pub-1.0.0").await;
+    crate::helpers::register_publisher(&app, "diku", "LATER", "mod-pub-1.0.0").await;
     let (line, sent) = publish_until_tailed(&app, &mut tail, "LATER", "{}", 60).await;
     assert!(
         sent.iter().any(|id| line["event"]["id"] == id.as_str()),

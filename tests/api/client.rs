@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use mod_pubsub::client::{DirectPublisher, MessagingDescriptor, Registrar};
 
-use crate::delivery::{delivering_app, FakeOkapi};
 use crate::helpers::*;
+use crate::helpers::{delivering_app, FakeOkapi};
 
 #[tokio::test]
 async fn a_module_registers_with_the_client_and_publishes_directly_to_kafka() {
@@ -110,11 +110,11 @@ async fn a_direct_consumer_reads_every_tenant_commits_and_dead_letters_failures(
 
     use mod_pubsub::client::DirectConsumer;
 
-    use crate::publish::{event, new_id};
+    use crate::helpers::{event, new_id};
 
     let app = TestApp::spawn().await;
     for tenant in ["diku", "other"] {
-        crate::publish::register_publisher(&app, tenant, "DIRECT_EVT", "mod-pub-1.0.0").await;
+        crate::helpers::register_publisher(&app, tenant, "DIRECT_EVT", "mod-pub-1.0.0").await;
         let body = serde_json::json!({"moduleId": "mod-direct-1.0.0", "subscriptionDefinitions": [{"eventType": "DIRECT_EVT"}]});
         assert_eq!(
             app.post_json(tenant, "/pubsub/event-types/declare/subscriber", &body)
@@ -177,7 +177,7 @@ async fn a_direct_consumer_reads_every_tenant_commits_and_dead_letters_failures(
         format!("{}.Default.diku.mod-pubsub.dead-letters", app.env["ENV"]),
     );
     let dead = tokio::task::spawn_blocking(move || {
-        crate::kafka_util::read_records(&bootstrap, &dlq, 1, Duration::from_secs(30))
+        crate::helpers::kafka::read_records(&bootstrap, &dlq, 1, Duration::from_secs(30))
     })
     .await
     .unwrap();
@@ -207,7 +207,7 @@ async fn a_direct_consumer_reads_every_tenant_commits_and_dead_letters_failures(
 
 /// Registers `mod-pub-1.0.0` as publisher and `module` as direct consumer of `event_type`.
 async fn register_direct(app: &TestApp, tenant: &str, event_type: &str, module: &str) {
-    crate::publish::register_publisher(app, tenant, event_type, "mod-pub-1.0.0").await;
+    crate::helpers::register_publisher(app, tenant, event_type, "mod-pub-1.0.0").await;
     let body = serde_json::json!({"moduleId": module, "subscriptionDefinitions": [{"eventType": event_type}]});
     assert_eq!(
         app.post_json(tenant, "/pubsub/event-types/declare/subscriber", &body)
@@ -245,7 +245,7 @@ async fn a_batch_is_published_in_order_per_key_and_an_invalid_event_fails_alone(
 
     let (bootstrap, topic) = (app.bootstrap(), app.topic("diku", "BATCH_EVT"));
     let records = tokio::task::spawn_blocking(move || {
-        crate::kafka_util::read_records(&bootstrap, &topic, 50, Duration::from_secs(30))
+        crate::helpers::kafka::read_records(&bootstrap, &topic, 50, Duration::from_secs(30))
     })
     .await
     .unwrap();

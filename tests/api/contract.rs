@@ -64,5 +64,5 @@ async fn the_api_keeps_to_its_openapi_document() {
         )
         .await;
     // Between them the two runs exercised every operation of the document.
-    assert_eq!(tested, crate::openapi::routes().len());
+    assert_eq!(tested, routes().len());
 }

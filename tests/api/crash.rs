@@ -6,9 +6,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use crate::delivery::FakeOkapi;
+use crate::helpers::FakeOkapi;
 use crate::helpers::*;
-use crate::publish::{event, new_id, register_publisher};
+use crate::helpers::{event, new_id, register_publisher};
 
 fn start_binary(env: &HashMap<String, String>) -> (Child, String) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -182,18 +182,15 @@ async fn assigned(client: &reqwest::Client, bases: &[String]) -> Vec<u32> {
 /// Waits until the live instances hold all `partitions` between them, each some: the group
 /// has settled after a member joined.
 async fn settled(client: &reqwest::Client, bases: &[String], partitions: u32) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let held = assigned(client, bases).await;
-        if held.iter().sum::<u32>() == partitions && held.iter().all(|&n| n > 0) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the group did not settle: {held:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    eventually(
+        "the group settled (every partition held, every member holding some)",
+        Duration::from_secs(60),
+        || async move {
+            let held = assigned(client, bases).await;
+            (held.iter().sum::<u32>() == partitions && held.iter().all(|&n| n > 0)).then_some(())
+        },
+    )
+    .await;
 }
 
 #[tokio::test]

@@ -11,9 +11,9 @@ use mod_pubsub::client::{DirectConsumer, ReceivedEvent};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use crate::delivery::{delivering_app, FakeOkapi};
 use crate::helpers::*;
-use crate::publish::{event, new_id, register_publisher};
+use crate::helpers::{delivering_app, FakeOkapi};
+use crate::helpers::{event, new_id, register_publisher};
 
 /// Runs kcat with `args` (and `stdin`), failing the test with kcat's output when it fails.
 async fn kcat(args: &[&str], stdin: Option<&str>) -> String {

@@ -7,15 +7,15 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::delivery::{delivering_app, delivering_app_with, publish_keyed, FakeOkapi, Received};
 use crate::helpers::*;
-use crate::publish::{new_id, register_publisher};
+use crate::helpers::{delivering_app, delivering_app_with, FakeOkapi, Received};
+use crate::helpers::{new_id, register_publisher};
 
 /// The production retry schedule: a failing event waits 1 s, 5 s, 30 s, ... between attempts.
 const REAL_SCHEDULE: &str = "1s,5s,30s,2m,10m";
 
 async fn register_publisher_of(app: &TestApp, tenant: &str, event_types: &[&str]) {
-    crate::publish::register_publisher_of(app, tenant, event_types, "mod-pub-1.0.0").await;
+    crate::helpers::register_publisher_of(app, tenant, event_types, "mod-pub-1.0.0").await;
 }
 
 async fn subscribe_in(app: &TestApp, tenant: &str, module: &str, defs: &[(&str, &str)]) {
@@ -55,7 +55,7 @@ async fn a_failing_tenant_does_not_hold_up_the_same_modules_other_tenants() {
         publish_keyed(&app, "alpha", "ISO_TENANT", &format!("a-{i}"), "{}").await;
     }
     eventually("alpha's events attempted", Duration::from_secs(20), || {
-        (fake.received_for("/cb", "alpha").len() >= 16).then_some(())
+        std::future::ready((fake.received_for("/cb", "alpha").len() >= 16).then_some(()))
     })
     .await;
     let started = Instant::now();
@@ -66,7 +66,7 @@ async fn a_failing_tenant_does_not_hold_up_the_same_modules_other_tenants() {
     eventually(
         "beta's 10 events delivered",
         Duration::from_secs(10),
-        || (fake.received_for("/cb", "beta").len() >= 10).then_some(()),
+        || std::future::ready((fake.received_for("/cb", "beta").len() >= 10).then_some(())),
     )
     .await;
     let beta_done = started.elapsed();
@@ -88,7 +88,7 @@ async fn a_failing_tenant_does_not_hold_up_the_same_modules_other_tenants() {
     let module = r#"{module="mod-iso"}"#;
     let mut seen = String::new();
     for _ in 0..100 {
-        seen = crate::delivery::metrics(&app).await;
+        seen = crate::helpers::metrics(&app).await;
         if metric(&seen, &format!("pubsub_delivery_paused_partitions{module}")) == Some(1.0) {
             break;
         }
@@ -200,9 +200,11 @@ async fn a_poison_event_holds_up_only_its_own_key() {
         Duration::from_secs(20),
         || {
             let got = fake.received_on("/p");
-            got.iter()
-                .any(|r| r.headers["x-pubsub-event-id"] == behind)
-                .then_some(got)
+            std::future::ready(
+                got.iter()
+                    .any(|r| r.headers["x-pubsub-event-id"] == behind)
+                    .then_some(got),
+            )
         },
     )
     .await;
@@ -294,7 +296,7 @@ fn event_with(
     published: Option<chrono::DateTime<chrono::Utc>>,
 ) -> (String, Value) {
     let id = new_id();
-    let mut e = crate::publish::event(&id, event_type, "diku", "mod-pub-1.0.0", payload);
+    let mut e = crate::helpers::event(&id, event_type, "diku", "mod-pub-1.0.0", payload);
     if let Some(p) = published {
         e["eventMetadata"]["publishedDate"] =
             Value::String(p.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string());
@@ -464,7 +466,7 @@ async fn stopping_abandons_waiting_retries_and_commits_nothing_unfinished() {
             .iter()
             .filter(|r| r.headers["x-pubsub-event-id"] == waiting)
             .count();
-        (n >= 2).then_some(got)
+        std::future::ready((n >= 2).then_some(got))
     })
     .await;
     let retried: Vec<&Received> = got
@@ -502,7 +504,7 @@ async fn consumer_lag_counts_the_events_the_group_has_not_finished() {
         async move {
             let deadline = Instant::now() + within;
             loop {
-                let text = crate::delivery::metrics(app).await;
+                let text = crate::helpers::metrics(app).await;
                 let got = metric(&text, line);
                 if got == Some(want) {
                     return;

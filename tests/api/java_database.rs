@@ -240,12 +240,12 @@ async fn starts_on_the_java_modules_tables_and_keeps_their_data() {
     assert!(rmb_job_kept);
 
     // Publishing writes the audit trail into the Java module's tables.
-    let event_id = crate::publish::new_id();
+    let event_id = crate::helpers::new_id();
     let r = app
         .post_json(
             TENANT,
             "/pubsub/publish",
-            &crate::publish::event(
+            &crate::helpers::event(
                 &event_id,
                 "ITEM_CHECKED_OUT",
                 TENANT,
@@ -309,12 +309,12 @@ async fn the_java_modules_statements_work_on_a_database_this_service_created() {
         )
         .await;
     assert_eq!(r.status(), 201);
-    let event_id = crate::publish::new_id();
+    let event_id = crate::helpers::new_id();
     let r = app
         .post_json(
             TENANT,
             "/pubsub/publish",
-            &crate::publish::event(
+            &crate::helpers::event(
                 &event_id,
                 "ITEM_CHECKED_OUT",
                 TENANT,
@@ -439,7 +439,7 @@ async fn prepare_rollback_deletes_direct_consumers_and_names_missing_roles() {
     })
     .await;
     let job =
-        crate::tenant_api::install(&app, &tenant, json!({"module_to": "mod-pubsub-3.0.0"})).await;
+        crate::helpers::install(&app, &tenant, json!({"module_to": "mod-pubsub-3.0.0"})).await;
     assert!(job.get("error").is_none(), "{job}");
     let r = app
         .post_json(

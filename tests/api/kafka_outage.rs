@@ -4,9 +4,9 @@
 
 use std::time::{Duration, Instant};
 
+use crate::helpers::kafka::{partitions, CreateRefusingBroker, OwnBroker};
 use crate::helpers::*;
-use crate::kafka_util::{partitions, CreateRefusingBroker, OwnBroker};
-use crate::publish::{event, new_id, register_publisher};
+use crate::helpers::{event, new_id, register_publisher};
 
 /// The service on a fresh database, talking to `broker`, with `extra` settings.
 async fn app_on(broker: &OwnBroker, extra: &[(&str, &str)]) -> TestApp {
@@ -170,7 +170,7 @@ async fn broker_down_then_back() {
 
 /// `pubsub_kafka_topics_missing`: registered topics the broker does not have yet.
 async fn missing_topics(app: &TestApp) -> f64 {
-    let text = crate::delivery::metrics(app).await;
+    let text = crate::helpers::metrics(app).await;
     text.lines()
         .find_map(|l| l.strip_prefix("pubsub_kafka_topics_missing "))
         .and_then(|v| v.trim().parse().ok())
@@ -205,20 +205,20 @@ async fn start_up_recreates_the_topics_of_a_wiped_broker() {
     }
     // A (re)started instance reconciles at start-up.
     let _second = second.await;
-    let deadline = Instant::now() + Duration::from_secs(30);
     for topic in topics {
-        loop {
-            let (b, t) = (bootstrap.clone(), topic.clone());
-            if tokio::task::spawn_blocking(move || partitions(&b, &t))
-                .await
-                .unwrap()
-                .is_some()
-            {
-                break;
-            }
-            assert!(Instant::now() < deadline, "{topic} was not recreated");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        let (b, t) = (&bootstrap, &topic);
+        eventually(
+            &format!("{topic} recreated"),
+            Duration::from_secs(30),
+            || async move {
+                let (b, t) = (b.clone(), t.clone());
+                tokio::task::spawn_blocking(move || partitions(&b, &t))
+                    .await
+                    .unwrap()
+                    .map(|_| ())
+            },
+        )
+        .await;
     }
 }
 
@@ -273,19 +273,20 @@ async fn existing_topics_are_used_when_creation_is_not_allowed() {
     let not_created = app.topic(TENANT, "NOT_CREATED");
     let pre_created = app.topic(TENANT, "PRE_CREATED");
     // After the reconciler's pass (which lists what exists), only the missing topic is reported.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let body = loop {
-        let (status, body) = app.health().await;
-        if body.contains(&not_created) && !body.contains(&pre_created) {
-            assert!(
-                body.contains("1 registered topics not created yet"),
-                "{status}: {body}"
-            );
-            break body;
-        }
-        assert!(Instant::now() < deadline, "{status}: {body}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let (app_ref, missing, present) = (&app, &not_created, &pre_created);
+    let body = eventually(
+        "only the missing topic reported",
+        Duration::from_secs(20),
+        || async move {
+            let (_, body) = app_ref.health().await;
+            (body.contains(missing.as_str()) && !body.contains(present.as_str())).then_some(body)
+        },
+    )
+    .await;
+    assert!(
+        body.contains("1 registered topics not created yet"),
+        "{body}"
+    );
     let r = app
         .post_json(
             TENANT,

@@ -18,7 +18,6 @@ mod interop;
 mod isolation;
 mod java_database;
 mod kafka_outage;
-mod kafka_util;
 mod openapi;
 mod parking;
 mod publish;

@@ -21,20 +21,6 @@ fn committed_openapi_matches_the_code() {
     );
 }
 
-/// (METHOD, path) of every operation in the generated document.
-pub fn routes() -> BTreeSet<(String, String)> {
-    let doc: Value = serde_json::to_value(mod_pubsub::http::openapi()).unwrap();
-    let mut out = BTreeSet::new();
-    for (path, item) in doc["paths"].as_object().unwrap() {
-        for method in item.as_object().unwrap().keys() {
-            if ["get", "post", "put", "delete", "patch"].contains(&method.as_str()) {
-                out.insert((method.to_uppercase(), path.clone()));
-            }
-        }
-    }
-    out
-}
-
 /// Every handler of `md` has a route, and every `/pubsub` and `/_/` route a handler.
 fn assert_handlers_routed(md: &Value) {
     let mut handlers = BTreeSet::new();

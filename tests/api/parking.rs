@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use crate::delivery::{delivering_app_with, metrics, publish_keyed, FakeOkapi};
 use crate::helpers::*;
+use crate::helpers::{delivering_app_with, metrics, FakeOkapi};
 
 const TYPES: [&str; 6] = ["PARK_A", "PARK_B", "PARK_C", "PARK_D", "PARK_E", "PARK_F"];
 
@@ -34,7 +34,7 @@ async fn only_partitions_with_events_are_fetched_and_two_slots_serve_six_topics(
         ],
     )
     .await;
-    crate::publish::register_publisher_of(&app, "diku", &TYPES, "mod-pub-1.0.0").await;
+    crate::helpers::register_publisher_of(&app, "diku", &TYPES, "mod-pub-1.0.0").await;
     let defs: Vec<(&str, &str)> = TYPES.iter().map(|t| (*t, "/park")).collect();
     let r = app
         .post_json(

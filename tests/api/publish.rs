@@ -5,57 +5,8 @@ use std::time::{Duration, Instant};
 use reqwest::Method;
 use serde_json::{json, Value};
 
+use crate::helpers::kafka::{partitions, read_records};
 use crate::helpers::*;
-use crate::kafka_util::{partitions, read_records};
-
-pub fn event(id: &str, event_type: &str, tenant: &str, published_by: &str, payload: &str) -> Value {
-    json!({
-        "id": id,
-        "eventType": event_type,
-        "eventMetadata": {"tenantId": tenant, "eventTTL": 1, "publishedBy": published_by, "correlationId": "corr-1"},
-        "eventPayload": payload
-    })
-}
-
-pub fn new_id() -> String {
-    uuid::Uuid::new_v4().to_string()
-}
-
-/// Enables the tenant and registers `module` as publisher of `event_type`.
-pub async fn register_publisher(app: &TestApp, tenant: &str, event_type: &str, module: &str) {
-    register_publisher_of(app, tenant, &[event_type], module).await;
-}
-
-/// Enables `tenant` and registers `module` as publisher of all `event_types` (one declaration:
-/// a module's declaration replaces its earlier ones).
-pub async fn register_publisher_of(
-    app: &TestApp,
-    tenant: &str,
-    event_types: &[&str],
-    module: &str,
-) {
-    app.enable_tenant(tenant).await;
-    let descriptors: Vec<Value> = event_types
-        .iter()
-        .map(|t| descriptor(t, "test event", 1))
-        .collect();
-    for d in &descriptors {
-        assert_eq!(
-            app.post_json(tenant, "/pubsub/event-types", d)
-                .await
-                .status(),
-            201
-        );
-    }
-    let r = app
-        .post_json(
-            tenant,
-            "/pubsub/event-types/declare/publisher",
-            &publisher(module, descriptors),
-        )
-        .await;
-    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
-}
 
 #[tokio::test]
 async fn declarations_create_topics_with_the_configured_partitions() {
@@ -115,7 +66,7 @@ async fn declarations_create_topics_with_the_configured_partitions() {
             .await
             .unwrap();
     for key in ["k0", "k1"] {
-        let on_key: Vec<&crate::kafka_util::Record> = records
+        let on_key: Vec<&crate::helpers::kafka::Record> = records
             .iter()
             .filter(|r| r.key.as_deref() == Some(key))
             .collect();

@@ -5,9 +5,9 @@ use std::time::Duration;
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::delivery::FakeOkapi;
+use crate::helpers::FakeOkapi;
 use crate::helpers::*;
-use crate::publish::{event, new_id, register_publisher};
+use crate::helpers::{event, new_id, register_publisher};
 
 async fn app_with_system_user(fake: &FakeOkapi, deliver: bool) -> TestApp {
     let db = TestDb::create().await;

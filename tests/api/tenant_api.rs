@@ -17,40 +17,6 @@ async fn schema_tables(app: &TestApp, schema: &str) -> Vec<String> {
     .unwrap()
 }
 
-/// Starts an install job and polls it the way Okapi does; returns the completed job.
-pub async fn install(app: &TestApp, tenant: &str, body: Value) -> Value {
-    let r = app.post_json(tenant, "/_/tenant", &body).await;
-    assert_eq!(r.status(), 201);
-    let location = r.headers()["location"].to_str().unwrap().to_owned();
-    let job: Value = r.json().await.unwrap();
-    assert_eq!(
-        location,
-        format!("/_/tenant/{}", job["id"].as_str().unwrap())
-    );
-    assert_eq!(job["tenant"], tenant);
-    assert_eq!(job["complete"], false);
-    assert_eq!(job["tenantAttributes"]["module_to"], body["module_to"]);
-    let r = app
-        .req_as(tenant, Method::GET, &format!("{location}?wait=30000"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let done: Value = r.json().await.unwrap();
-    assert_eq!(done["complete"], true, "{done}");
-    assert_eq!(done["id"], job["id"]);
-    assert_eq!(app.delete(tenant, &location).await.status(), 204);
-    assert_eq!(
-        app.req_as(tenant, Method::GET, &location)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        404
-    );
-    done
-}
-
 #[tokio::test]
 async fn install_creates_the_tenant_schema_and_upgrade_is_idempotent() {
     let app = TestApp::spawn().await;

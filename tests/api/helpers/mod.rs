@@ -10,6 +10,13 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgConnection};
 use tokio_util::sync::CancellationToken;
 
+pub mod events;
+pub mod kafka;
+pub mod okapi;
+
+pub use events::*;
+pub use okapi::*;
+
 pub const TENANT: &str = "diku";
 
 /// Writes `stdin` (when given) to a child started with piped standard streams, closes it, and
@@ -235,7 +242,7 @@ impl TestApp {
 
     /// Enables the service for a tenant through `_tenant` and waits for the job.
     pub async fn enable_tenant(&self, tenant: &str) {
-        crate::tenant_api::install(
+        install(
             self,
             tenant,
             serde_json::json!({"module_to": "mod-pubsub-1.0.0"}),
@@ -377,15 +384,16 @@ fn init_test_logging() {
     }
 }
 
-/// Polls `check` every 20 ms until it gives a value; fails naming `what` after `timeout`.
-pub async fn eventually<T>(
-    what: &str,
-    timeout: Duration,
-    mut check: impl FnMut() -> Option<T>,
-) -> T {
+/// Polls `check` every 20 ms until it gives `Some`, failing the test with `what` after `timeout`.
+/// Sync checks return `std::future::ready(…)`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
     let deadline = std::time::Instant::now() + timeout;
     loop {
-        if let Some(v) = check() {
+        if let Some(v) = check().await {
             return v;
         }
         assert!(
@@ -394,4 +402,52 @@ pub async fn eventually<T>(
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Starts an install job and polls it the way Okapi does; returns the completed job.
+pub async fn install(app: &TestApp, tenant: &str, body: Value) -> Value {
+    let r = app.post_json(tenant, "/_/tenant", &body).await;
+    assert_eq!(r.status(), 201);
+    let location = r.headers()["location"].to_str().unwrap().to_owned();
+    let job: Value = r.json().await.unwrap();
+    assert_eq!(
+        location,
+        format!("/_/tenant/{}", job["id"].as_str().unwrap())
+    );
+    assert_eq!(job["tenant"], tenant);
+    assert_eq!(job["complete"], false);
+    assert_eq!(job["tenantAttributes"]["module_to"], body["module_to"]);
+    let r = app
+        .req_as(tenant, Method::GET, &format!("{location}?wait=30000"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let done: Value = r.json().await.unwrap();
+    assert_eq!(done["complete"], true, "{done}");
+    assert_eq!(done["id"], job["id"]);
+    assert_eq!(app.delete(tenant, &location).await.status(), 204);
+    assert_eq!(
+        app.req_as(tenant, Method::GET, &location)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    done
+}
+
+/// (METHOD, path) of every operation in the generated document.
+pub fn routes() -> std::collections::BTreeSet<(String, String)> {
+    let doc: Value = serde_json::to_value(mod_pubsub::http::openapi()).unwrap();
+    let mut out = std::collections::BTreeSet::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            if ["get", "post", "put", "delete", "patch"].contains(&method.as_str()) {
+                out.insert((method.to_uppercase(), path.clone()));
+            }
+        }
+    }
+    out
 }
