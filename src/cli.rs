@@ -15,6 +15,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use serde_json::{json, Value};
 
+use mod_pubsub::client::Okapi;
 use mod_pubsub::client::{DirectPublisher, MessagingDescriptor, OutgoingEvent, Registrar};
 use mod_pubsub::config::KafkaConfig;
 use mod_pubsub::domain::{EventType, ModuleId, TenantId};
@@ -321,19 +322,23 @@ async fn rest_post(
     body: &Value,
     headers: &[(&str, &str)],
 ) -> anyhow::Result<String> {
-    let url = format!("{}{path}", rest.okapi_url.trim_end_matches('/'));
-    let mut request = reqwest::Client::builder()
-        .timeout(Duration::from_secs(60))
-        .build()?
-        .post(&url)
-        .header("X-Okapi-Tenant", tenant.as_str())
-        .header("X-Okapi-Url", rest.okapi_url.trim_end_matches('/'))
+    let okapi = Okapi::new(
+        reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()?,
+        &rest.okapi_url,
+    );
+    let url = format!("{}{path}", okapi.url());
+    let mut request = okapi
+        .request(
+            reqwest::Method::POST,
+            path,
+            tenant.as_str(),
+            rest.token.as_deref(),
+        )
         .json(body);
     for (name, value) in headers {
         request = request.header(*name, *value);
-    }
-    if let Some(t) = &rest.token {
-        request = request.header("X-Okapi-Token", t);
     }
     let response = request
         .send()

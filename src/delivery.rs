@@ -66,7 +66,8 @@ pub struct Engine {
     pub kafka: Arc<Kafka>,
     pub registry: RegistryCache,
     pub audit: AuditWriter,
-    pub http: reqwest::Client,
+    /// Subscribers' callbacks go through Okapi (`OKAPI_URL`).
+    pub okapi: crate::client::Okapi,
     pub tokens: Arc<crate::system_user::Tokens>,
     pub metrics: Arc<Metrics>,
     sink: Arc<ServiceSink>,
@@ -148,6 +149,7 @@ impl Engine {
         tokens: Arc<crate::system_user::Tokens>,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
+        let config_okapi_url = config.okapi_url.clone();
         let http = reqwest::Client::builder()
             .connect_timeout(config.delivery.connect_timeout)
             .timeout(config.delivery.timeout)
@@ -162,7 +164,7 @@ impl Engine {
             kafka,
             registry,
             audit,
-            http,
+            okapi: crate::client::Okapi::new(http, config_okapi_url.as_str()),
             modules: Mutex::default(),
             published: tokio::sync::broadcast::channel(4096).0,
         })
@@ -388,8 +390,6 @@ impl Engine {
         headers: &HashMap<String, String>,
         attempt: i32,
     ) -> Result<(), Failure> {
-        let base = self.config.okapi_url.as_str().trim_end_matches('/');
-        let url = format!("{base}{}", sub.callback);
         // Java modules write okapi-common's spelling (`X-Okapi-Request-Id`) as often as the
         // lower-case one; folio-kafka-wrapper matches these names case-insensitively too.
         let request_id = headers
@@ -417,21 +417,21 @@ impl Engine {
                 .token(tenant)
                 .await
                 .map_err(|e| not_delivered(&e))?;
-            let mut request = self
-                .http
-                .post(&url)
+            let request = self
+                .okapi
+                .request(
+                    reqwest::Method::POST,
+                    &sub.callback,
+                    tenant.as_str(),
+                    token.as_deref(),
+                )
                 .header("Content-Type", "application/json")
                 .header("Accept", "application/json, text/plain")
-                .header("X-Okapi-Tenant", tenant.as_str())
-                .header("X-Okapi-Url", base)
                 .header("X-Okapi-Request-Id", &request_id)
                 .header("X-Pubsub-Event-Id", event.id.0.to_string())
                 .header("X-Pubsub-Event-Type", &event.event_type)
                 .header("X-Pubsub-Delivery-Attempt", attempt.to_string())
                 .body(body.clone());
-            if let Some(t) = &token {
-                request = request.header("X-Okapi-Token", t);
-            }
             let sent = request.send().await;
             match &sent {
                 Ok(r)

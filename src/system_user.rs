@@ -95,24 +95,16 @@ const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
 
 /// Okapi as the `_tenant` request reached us.
 pub struct OkapiCall<'a> {
-    pub http: &'a reqwest::Client,
-    pub url: &'a str,
+    pub okapi: crate::client::Okapi,
     pub tenant: &'a TenantId,
     pub token: Option<&'a str>,
 }
 
 impl OkapiCall<'_> {
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        let mut r = self
-            .http
-            .request(method, format!("{}{path}", self.url.trim_end_matches('/')))
-            .header("X-Okapi-Tenant", self.tenant.as_str())
-            .header("X-Okapi-Url", self.url)
-            .header("Accept", "application/json, text/plain");
-        if let Some(t) = self.token {
-            r = r.header("X-Okapi-Token", t);
-        }
-        r
+        self.okapi
+            .request(method, path, self.tenant.as_str(), self.token)
+            .header("Accept", "application/json, text/plain")
     }
 
     async fn send(
@@ -290,8 +282,7 @@ fn utf8_percent(s: &str) -> String {
 /// Per-tenant access tokens of the system user.
 pub struct Tokens {
     cfg: SystemUserConfig,
-    okapi_url: String,
-    http: reqwest::Client,
+    okapi: crate::client::Okapi,
     cache: Mutex<HashMap<String, (String, Instant)>>,
     failures: Mutex<HashMap<String, String>>,
     /// One login at a time per tenant: concurrent deliveries that find no token wait for the
@@ -303,8 +294,7 @@ impl Tokens {
     pub fn new(cfg: SystemUserConfig, okapi_url: &str, http: reqwest::Client) -> Self {
         Tokens {
             cfg,
-            okapi_url: okapi_url.trim_end_matches('/').to_owned(),
-            http,
+            okapi: crate::client::Okapi::new(http, okapi_url),
             cache: Mutex::default(),
             failures: Mutex::default(),
             logins: Mutex::default(),
@@ -388,10 +378,13 @@ impl Tokens {
     async fn login(&self, tenant: &TenantId) -> Result<(String, Duration), LoginError> {
         let name = &self.cfg.name;
         let resp = self
-            .http
-            .post(format!("{}/authn/login-with-expiry", self.okapi_url))
-            .header("X-Okapi-Tenant", tenant.as_str())
-            .header("X-Okapi-Url", &self.okapi_url)
+            .okapi
+            .request(
+                reqwest::Method::POST,
+                "/authn/login-with-expiry",
+                tenant.as_str(),
+                None,
+            )
             .json(&json!({"username": name, "password": self.cfg.password.expose_secret()}))
             .send()
             .await

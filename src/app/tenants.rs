@@ -87,8 +87,7 @@ pub async fn run_install_job(deps: &Deps<'_>, tenant: &TenantId, id: Uuid, okapi
     };
     if error.is_none() && deps.config.system_user.create {
         let call = crate::system_user::OkapiCall {
-            http: deps.okapi_http,
-            url: &okapi.url,
+            okapi: crate::client::Okapi::new(deps.okapi_http.clone(), &okapi.url),
             tenant,
             token: okapi.token.as_deref(),
         };

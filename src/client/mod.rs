@@ -92,9 +92,11 @@
 
 mod consumer;
 pub(crate) mod dispatch;
+mod okapi;
 mod publisher;
 
 pub use consumer::{ConsumerOptions, ConsumerStats, DirectConsumer, ReceivedEvent};
+pub use okapi::Okapi;
 pub use publisher::{DirectPublisher, OutgoingEvent};
 
 use std::path::Path;
@@ -181,8 +183,7 @@ impl MessagingDescriptor {
 
 /// Registers modules through pubsub's REST API (through Okapi).
 pub struct Registrar {
-    http: reqwest::Client,
-    base: String,
+    okapi: Okapi,
     tenant: String,
     token: Option<String>,
 }
@@ -194,8 +195,7 @@ impl Registrar {
             .build()
             .expect("HTTP client");
         Registrar {
-            http,
-            base: okapi_url.trim_end_matches('/').to_owned(),
+            okapi: Okapi::new(http, okapi_url),
             tenant: tenant.to_owned(),
             token,
         }
@@ -208,19 +208,21 @@ impl Registrar {
         expect: u16,
     ) -> Result<(), ClientError> {
         let call = format!("POST {path}");
-        let mut r = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .header("X-Okapi-Tenant", &self.tenant)
-            .header("X-Okapi-Url", &self.base)
-            .json(body);
-        if let Some(t) = &self.token {
-            r = r.header("X-Okapi-Token", t);
-        }
-        let resp = r.send().await.map_err(|source| ClientError::Transport {
-            call: call.clone(),
-            source,
-        })?;
+        let resp = self
+            .okapi
+            .request(
+                reqwest::Method::POST,
+                path,
+                &self.tenant,
+                self.token.as_deref(),
+            )
+            .json(body)
+            .send()
+            .await
+            .map_err(|source| ClientError::Transport {
+                call: call.clone(),
+                source,
+            })?;
         let status = resp.status().as_u16();
         if status == expect {
             Ok(())
