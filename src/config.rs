@@ -101,7 +101,7 @@ pub struct DeliveryConfig {
     pub idle_check: Duration,
 }
 
-/// `1s,5s,30s,2m,10m` (units ms, s, m, h).
+/// `1s,5s,30s,2m,10m` (humantime durations: ms, s, m, h, …).
 const DEFAULT_RETRY_SCHEDULE: &str = "1s,5s,30s,2m,10m";
 
 fn parse_schedule(raw: &str) -> Option<Vec<Duration>> {
@@ -109,16 +109,9 @@ fn parse_schedule(raw: &str) -> Option<Vec<Duration>> {
         .map(str::trim)
         .filter(|p| !p.is_empty())
         .map(|p| {
-            let (num, unit) = p.split_at(p.find(|c: char| !c.is_ascii_digit())?);
-            let n: u64 = num.parse().ok()?;
-            let ms = match unit {
-                "ms" => n,
-                "s" => n * 1_000,
-                "m" => n * 60_000,
-                "h" => n * 3_600_000,
-                _ => return None,
-            };
-            (ms <= 86_400_000).then(|| Duration::from_millis(ms))
+            humantime::parse_duration(p)
+                .ok()
+                .filter(|d| *d <= Duration::from_secs(86_400))
         })
         .collect()
 }
@@ -608,7 +601,7 @@ mod tests {
             5,
             "blank is the default"
         );
-        for bad in ["5", "1s,x", "1d", "-1s"] {
+        for bad in ["5", "1s,x", "2d", "-1s"] {
             assert_eq!(
                 cfg(&[("DELIVERY_RETRY_SCHEDULE", bad)]).unwrap_err().var,
                 "DELIVERY_RETRY_SCHEDULE",

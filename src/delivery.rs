@@ -450,17 +450,8 @@ impl Engine {
             Ok(r) => {
                 let status = r.status();
                 let retry_after = matches!(status.as_u16(), 429 | 503)
-                    .then(|| {
-                        r.headers()
-                            .get("retry-after")?
-                            .to_str()
-                            .ok()?
-                            .trim()
-                            .parse::<u64>()
-                            .ok()
-                    })
-                    .flatten()
-                    .map(|s| Duration::from_secs(s.min(3600)));
+                    .then(|| retry_after(r.headers().get("retry-after")?.to_str().ok()?))
+                    .flatten();
                 Err(Failure {
                     message: format!(
                         "Error delivering {} event with id '{}' to {}, response status code is {}",
@@ -752,5 +743,40 @@ mod tests {
             failure(Some(429), Some(3)).retry(false),
             Retry::After(d) if d == Duration::from_secs(3)
         ));
+    }
+}
+
+/// A `Retry-After` value: seconds, or an HTTP date (RFC 9110); at most an hour.
+fn retry_after(raw: &str) -> Option<Duration> {
+    let raw = raw.trim();
+    let wait = match raw.parse::<u64>() {
+        Ok(seconds) => Duration::from_secs(seconds),
+        Err(_) => httpdate::parse_http_date(raw)
+            .ok()?
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+    };
+    Some(wait.min(Duration::from_secs(3600)))
+}
+
+#[cfg(test)]
+mod retry_after_tests {
+    use super::*;
+
+    #[test]
+    fn seconds_and_http_dates() {
+        assert_eq!(retry_after(" 7 "), Some(Duration::from_secs(7)));
+        assert_eq!(retry_after("86400"), Some(Duration::from_secs(3600)));
+        let soon = std::time::SystemTime::now() + Duration::from_secs(120);
+        let wait = retry_after(&httpdate::fmt_http_date(soon)).unwrap();
+        assert!(
+            wait > Duration::from_secs(110) && wait <= Duration::from_secs(120),
+            "{wait:?}"
+        );
+        assert_eq!(
+            retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(retry_after("soon"), None);
     }
 }

@@ -398,25 +398,19 @@ impl Tokens {
                 status: resp.status().as_u16(),
             });
         }
-        for cookie in resp.headers().get_all(reqwest::header::SET_COOKIE) {
-            let Ok(cookie) = cookie.to_str() else {
-                continue;
-            };
-            let mut parts = cookie.split(';').map(str::trim);
-            let Some((key, value)) = parts.next().and_then(|kv| kv.split_once('=')) else {
-                continue;
-            };
-            if key != "folioAccessToken" {
-                continue;
-            }
-            let max_age = parts
-                .filter_map(|p| p.split_once('='))
-                .find(|(k, _)| k.eq_ignore_ascii_case("max-age"))
-                .and_then(|(_, v)| v.parse::<u64>().ok())
+        let token = resp
+            .headers()
+            .get_all(reqwest::header::SET_COOKIE)
+            .iter()
+            .filter_map(|v| cookie::Cookie::parse(v.to_str().ok()?).ok())
+            .find(|c| c.name() == "folioAccessToken");
+        if let Some(c) = token {
+            let lifetime = c
+                .max_age()
+                .and_then(|d| u64::try_from(d.whole_seconds()).ok())
                 .filter(|s| *s > 0)
-                .map(Duration::from_secs)
-                .unwrap_or(DEFAULT_TOKEN_LIFETIME);
-            return Ok((value.to_owned(), max_age));
+                .map_or(DEFAULT_TOKEN_LIFETIME, Duration::from_secs);
+            return Ok((c.value().to_owned(), lifetime));
         }
         Err(LoginError::NoToken)
     }
