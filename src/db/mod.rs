@@ -131,6 +131,8 @@ async fn adopt_rewritten_migrations(
 /// may start before its database), for at most `patience`.
 pub async fn migrate_module(cfg: &DbConfig, patience: Duration) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + patience;
+    // Hand-written backoff (here, in the tenant job and in the audit writer): two lines each, and
+    // each bounds its retries its own way (a deadline, a count, a count after the stop began).
     let mut delay = Duration::from_millis(200);
     loop {
         match migrate_schema(cfg, MODULE_SCHEMA, &MODULE_MIGRATIONS).await {
