@@ -89,6 +89,48 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let (state, running) = start(config).await?;
+    tracing::info!(addr = %listener.local_addr()?, "mod-pubsub listening");
+    // Small responses (204) go out at once instead of waiting for Nagle's algorithm.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
+    });
+    let serve = axum::serve(listener, http::app(state))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .into_future();
+    tokio::pin!(serve);
+    // The server ends on its own only after the shutdown signal (all connections closed) or on
+    // an error; otherwise `stop` waits for its requests. A finished future is not polled again.
+    let still_serving = tokio::select! {
+        served = &mut serve => {
+            served?;
+            None
+        }
+        _ = shutdown.cancelled() => Some(serve),
+    };
+    running.stop(still_serving).await;
+    tracing::info!("mod-pubsub stopped");
+    Ok(())
+}
+
+/// What a running service must stop, in order, when it is asked to.
+struct Running {
+    shutdown_timeout: Duration,
+    pool: sqlx::PgPool,
+    kafka: Arc<kafka::Kafka>,
+    /// Tenant jobs and replays.
+    tasks: TaskTracker,
+    /// Delivery, the registry listener, the reconciler, trimming and purging.
+    workers: TaskTracker,
+    background: CancellationToken,
+    audit_stop: CancellationToken,
+    audit_writer: tokio::task::JoinHandle<()>,
+}
+
+/// Migrates, connects, and starts the background work; returns what the HTTP layer serves.
+async fn start(config: Config) -> anyhow::Result<(http::AppState, Running)> {
     db::migrate_module(&config.db, DB_STARTUP_PATIENCE).await?;
     let pool = db::pool(&config.db);
     upgrade_tenant_schemas(&config.db, &pool).await;
@@ -105,24 +147,7 @@ pub async fn run(
     let background = CancellationToken::new();
     let audit_stop = CancellationToken::new();
     let (audit, audit_writer) = audit::AuditWriter::start(pool.clone(), audit_stop.clone());
-    let workers = TaskTracker::new();
-    workers.spawn(registry.clone().follow(
-        pool.clone(),
-        db::listener_pool(&config.db),
-        background.clone(),
-    ));
-    workers.spawn(kafka::reconciler::reconcile_loop(
-        Arc::clone(&kafka),
-        pool.clone(),
-        background.clone(),
-    ));
-    workers.spawn(crate::memory::trim_loop(background.clone()));
-    workers.spawn(audit::purge_loop(
-        pool.clone(),
-        config.audit.clone(),
-        background.clone(),
-    ));
-    let config_shutdown_timeout = config.shutdown_timeout;
+    let shutdown_timeout = config.shutdown_timeout;
     let config = Arc::new(config);
     // Calls to Okapi (system user, logins) are bounded like deliveries.
     let okapi_http = reqwest::Client::builder()
@@ -145,10 +170,7 @@ pub async fn run(
         Arc::clone(&tokens),
         Arc::clone(&metrics),
     )?);
-    if config.delivery.enabled {
-        workers.spawn(Arc::clone(&engine).run(background.clone()));
-    }
-    workers.close();
+    let workers = spawn_background(&config, &pool, &kafka, &registry, &engine, &background);
 
     let state = http::AppState::new(http::Services {
         pool: pool.clone(),
@@ -164,63 +186,95 @@ pub async fn run(
         shutdown: background.clone(),
     });
     let tasks = state.tasks.clone();
-    tracing::info!(addr = %listener.local_addr()?, "mod-pubsub listening");
-    // Small responses (204) go out at once instead of waiting for Nagle's algorithm.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "TCP_NODELAY not set");
-        }
-    });
-    let serve = axum::serve(listener, http::app(state))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .into_future();
-    tokio::pin!(serve);
-    tokio::select! {
-        served = &mut serve => served?,
-        _ = shutdown.cancelled() => {}
-    }
+    let running = Running {
+        shutdown_timeout,
+        pool,
+        kafka,
+        tasks,
+        workers,
+        background,
+        audit_stop,
+        audit_writer,
+    };
+    Ok((state, running))
+}
 
-    // One deadline for the whole stop. Requests, tenant jobs, replays and background work get
-    // it all but a reserve; the audit queue and the producer's flush share the reserve (their
-    // rows and records come from the work before them).
-    let timeout = config_shutdown_timeout;
-    let deadline = tokio::time::Instant::now() + timeout;
-    let reserve = (timeout / 4).min(Duration::from_secs(5));
-    let work_deadline = deadline - reserve;
-    if tokio::time::timeout_at(work_deadline, &mut serve)
-        .await
-        .is_err()
-    {
-        tracing::warn!("requests still running at the shutdown deadline are abandoned");
+/// The background work, stopped by `stop`: the registry's listener, the topic reconciler,
+/// memory trimming, the audit retention and (where delivery is on) the delivery engine.
+fn spawn_background(
+    config: &Config,
+    pool: &sqlx::PgPool,
+    kafka: &Arc<kafka::Kafka>,
+    registry: &registry_cache::RegistryCache,
+    engine: &Arc<delivery::Engine>,
+    stop: &CancellationToken,
+) -> TaskTracker {
+    let workers = TaskTracker::new();
+    workers.spawn(registry.clone().follow(
+        pool.clone(),
+        db::listener_pool(&config.db),
+        stop.clone(),
+    ));
+    workers.spawn(kafka::reconciler::reconcile_loop(
+        Arc::clone(kafka),
+        pool.clone(),
+        stop.clone(),
+    ));
+    workers.spawn(crate::memory::trim_loop(stop.clone()));
+    workers.spawn(audit::purge_loop(
+        pool.clone(),
+        config.audit.clone(),
+        stop.clone(),
+    ));
+    if config.delivery.enabled {
+        workers.spawn(Arc::clone(engine).run(stop.clone()));
     }
-    // Delivery, the reconciler and replays stop now; tenant jobs finish their migration.
-    background.cancel();
-    tasks.close();
-    if tokio::time::timeout_at(work_deadline, tasks.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("tenant jobs or replays did not finish by the shutdown deadline");
+    workers.close();
+    workers
+}
+
+impl Running {
+    /// Stops everything under one deadline (`SHUTDOWN_TIMEOUT_MS`) once HTTP stopped accepting
+    /// requests: requests in flight, tenant jobs, replays and background work get it all but a
+    /// reserve; the audit queue and the producer's flush share the reserve (their rows and
+    /// records come from the work before them).
+    async fn stop(self, serving: Option<std::pin::Pin<&mut impl std::future::Future>>) {
+        let timeout = self.shutdown_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let reserve = (timeout / 4).min(Duration::from_secs(5));
+        let work_deadline = deadline - reserve;
+        if let Some(serve) = serving {
+            if tokio::time::timeout_at(work_deadline, serve).await.is_err() {
+                tracing::warn!("requests still running at the shutdown deadline are abandoned");
+            }
+        }
+        // Delivery, the reconciler and replays stop now; tenant jobs finish their migration.
+        self.background.cancel();
+        self.tasks.close();
+        if tokio::time::timeout_at(work_deadline, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("tenant jobs or replays did not finish by the shutdown deadline");
+        }
+        if tokio::time::timeout_at(work_deadline, self.workers.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("background work did not finish by the shutdown deadline");
+        }
+        self.audit_stop.cancel();
+        if tokio::time::timeout_at(deadline, self.audit_writer)
+            .await
+            .is_err()
+        {
+            tracing::error!("audit writer did not finish by the shutdown deadline");
+        }
+        let left = deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .max(Duration::from_millis(100));
+        let kafka = self.kafka;
+        let _ = tokio::task::spawn_blocking(move || kafka.producer.flush(left)).await;
+        self.pool.close().await;
     }
-    if tokio::time::timeout_at(work_deadline, workers.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("background work did not finish by the shutdown deadline");
-    }
-    audit_stop.cancel();
-    if tokio::time::timeout_at(deadline, audit_writer)
-        .await
-        .is_err()
-    {
-        tracing::error!("audit writer did not finish by the shutdown deadline");
-    }
-    let left = deadline
-        .saturating_duration_since(tokio::time::Instant::now())
-        .max(Duration::from_millis(100));
-    let producer_kafka = Arc::clone(&kafka);
-    let _ = tokio::task::spawn_blocking(move || producer_kafka.producer.flush(left)).await;
-    pool.close().await;
-    tracing::info!("mod-pubsub stopped");
-    Ok(())
 }

@@ -121,11 +121,16 @@ async fn graceful_stop_and_secrets_stay_out_of_logs() {
         .status()
         .unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "exit status {:?}", out.status);
     let logs = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "exit status {:?}; the last logs: {}",
+        out.status,
+        &logs[logs.len().saturating_sub(3000)..]
     );
     assert!(logs.contains("mod-pubsub stopped"), "{logs}");
     assert!(!logs.contains("very-secret-password"), "secret in logs");
