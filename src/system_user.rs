@@ -122,6 +122,16 @@ pub async fn provision(
     okapi: &OkapiCall<'_>,
     cfg: &SystemUserConfig,
 ) -> Result<(), ProvisionError> {
+    let user_id = ensure_user(okapi, cfg).await?;
+    ensure_permissions(okapi, &cfg.name, &user_id).await
+}
+
+/// The system user's id: the existing user re-activated (and made `type: system`), or a new one
+/// with its credentials.
+async fn ensure_user(
+    okapi: &OkapiCall<'_>,
+    cfg: &SystemUserConfig,
+) -> Result<String, ProvisionError> {
     let name = &cfg.name;
     let query = format!("username==\"{}\"", cql_escape(name));
     let url = format!("/users?query={}", utf8_percent(&query));
@@ -133,7 +143,7 @@ pub async fn provision(
         .flatten()
         .and_then(|v| v["users"].as_array().and_then(|u| u.first().cloned()));
 
-    let user_id = match existing {
+    Ok(match existing {
         Some(mut user) => {
             let id = user["id"].as_str().unwrap_or_default().to_owned();
             let blank_last_name = user["personal"]["lastName"]
@@ -192,8 +202,15 @@ pub async fn provision(
             }
             id
         }
-    };
+    })
+}
 
+/// The system user's permissions: PERMISSIONS added to what it has (none removed).
+async fn ensure_permissions(
+    okapi: &OkapiCall<'_>,
+    name: &str,
+    user_id: &str,
+) -> Result<(), ProvisionError> {
     let wanted: Vec<&str> = PERMISSIONS.to_vec();
     let list = wanted.join(", ");
     let (status, body) = okapi
@@ -206,7 +223,7 @@ pub async fn provision(
         StatusCode::OK => {
             let mut perm_user: Value = serde_json::from_str(&body).map_err(|source| {
                 ProvisionError::UnreadablePermissions {
-                    user: name.clone(),
+                    user: name.to_owned(),
                     source,
                 }
             })?;
@@ -233,7 +250,7 @@ pub async fn provision(
             if status != StatusCode::OK {
                 return Err(ProvisionError::UpdatePermissions {
                     permissions: list,
-                    user: name.clone(),
+                    user: name.to_owned(),
                     status: status.as_u16(),
                     body,
                 });
@@ -251,7 +268,7 @@ pub async fn provision(
             if status != StatusCode::CREATED {
                 return Err(ProvisionError::AddPermissions {
                     permissions: list,
-                    user: name.clone(),
+                    user: name.to_owned(),
                     status: status.as_u16(),
                     body,
                 });
@@ -259,7 +276,7 @@ pub async fn provision(
         }
         other => {
             return Err(ProvisionError::GetPermissions {
-                user: name.clone(),
+                user: name.to_owned(),
                 status: other.as_u16(),
                 body,
             })
