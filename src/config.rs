@@ -300,33 +300,7 @@ impl Config {
             }
         };
 
-        let create = r.bool("SYSTEM_USER_CREATE", true)?;
-        let name = r.get("SYSTEM_USER_NAME");
-        let password = r.get("SYSTEM_USER_PASSWORD");
-        if create {
-            let missing: Vec<&str> = [
-                ("SYSTEM_USER_NAME", &name),
-                ("SYSTEM_USER_PASSWORD", &password),
-            ]
-            .into_iter()
-            .filter(|(_, v)| v.is_none())
-            .map(|(k, _)| k)
-            .collect();
-            if !missing.is_empty() {
-                return Err(err(
-                    &missing.join(", "),
-                    format!(
-                        "Invalid system user credentials. Please provide non-blank values for system variables: [{}] (or set SYSTEM_USER_CREATE=false)",
-                        missing.join(", ")
-                    ),
-                ));
-            }
-        }
-        let system_user = SystemUserConfig {
-            create,
-            name: name.unwrap_or_default(),
-            password: SecretString::from(password.unwrap_or_default()),
-        };
+        let system_user = system_user(&r)?;
 
         let max_request_size =
             r.number("MAX_REQUEST_SIZE", 1_048_576usize, 1024, 100 * 1024 * 1024)?;
@@ -343,66 +317,7 @@ impl Config {
             ),
         };
 
-        let schedule_raw = r.string("DELIVERY_RETRY_SCHEDULE", DEFAULT_RETRY_SCHEDULE);
-        let mut retry_schedule = parse_schedule(&schedule_raw).filter(|s| s.len() <= 100).ok_or_else(|| {
-            err(
-                "DELIVERY_RETRY_SCHEDULE",
-                format!("must be a comma-separated list of waits such as 1s,5s,30s,2m,10m (units ms, s, m, h), got \"{schedule_raw}\""),
-            )
-        })?;
-        // The Java module's setting (retries after the first attempt, made at once there): the
-        // number of waits of the default schedule, its last wait repeated beyond five.
-        const RETRY_NUMBER: &str = "pubsub.delivery.retry.number";
-        if r.get("DELIVERY_RETRY_SCHEDULE").is_none() && r.get(RETRY_NUMBER).is_some() {
-            let n = r.number(RETRY_NUMBER, 5usize, 0, 100)?;
-            let last = *retry_schedule
-                .last()
-                .expect("the default schedule has waits");
-            retry_schedule.resize(n, last);
-        }
-        let delivery = DeliveryConfig {
-            enabled: r.bool("DELIVERY_ENABLED", true)?,
-            retry_schedule,
-            timeout: Duration::from_millis(r.number(
-                "DELIVERY_TIMEOUT_MS",
-                30_000u64,
-                100,
-                600_000,
-            )?),
-            connect_timeout: Duration::from_millis(r.number(
-                "DELIVERY_CONNECT_TIMEOUT_MS",
-                2_000u64,
-                100,
-                60_000,
-            )?),
-            fetch_wait: Duration::from_millis(r.number(
-                "DELIVERY_FETCH_WAIT_MS",
-                500u64,
-                1,
-                5_000,
-            )?),
-            max_in_flight: r.number("DELIVERY_MAX_IN_FLIGHT", 16usize, 1, 10_000)?,
-            retry_client_errors: r.bool("DELIVERY_RETRY_CLIENT_ERRORS", false)?,
-            honour_event_ttl: r.bool("DELIVERY_HONOUR_EVENT_TTL", false)?,
-            session_timeout: Duration::from_millis(r.number(
-                "DELIVERY_SESSION_TIMEOUT_MS",
-                45_000u64,
-                6_000,
-                300_000,
-            )?),
-            max_active_partitions: r.number(
-                "DELIVERY_MAX_ACTIVE_PARTITIONS",
-                crate::client::dispatch::DEFAULT_MAX_ACTIVE,
-                1,
-                1_000_000,
-            )?,
-            idle_check: Duration::from_millis(r.number(
-                "DELIVERY_IDLE_CHECK_MS",
-                crate::client::dispatch::DEFAULT_IDLE_CHECK.as_millis() as u64,
-                50,
-                60_000,
-            )?),
-        };
+        let delivery = delivery(&r)?;
 
         // Kubernetes' default grace period is 30 s: stop within it.
         let shutdown_timeout =
@@ -421,6 +336,91 @@ impl Config {
             shutdown_timeout,
         })
     }
+}
+
+/// `SYSTEM_USER_*`: the credentials are required unless `SYSTEM_USER_CREATE=false`.
+fn system_user(r: &Reader<'_>) -> Result<SystemUserConfig, ConfigError> {
+    let create = r.bool("SYSTEM_USER_CREATE", true)?;
+    let name = r.get("SYSTEM_USER_NAME");
+    let password = r.get("SYSTEM_USER_PASSWORD");
+    if create {
+        let missing: Vec<&str> = [
+            ("SYSTEM_USER_NAME", &name),
+            ("SYSTEM_USER_PASSWORD", &password),
+        ]
+        .into_iter()
+        .filter(|(_, v)| v.is_none())
+        .map(|(k, _)| k)
+        .collect();
+        if !missing.is_empty() {
+            return Err(err(
+                &missing.join(", "),
+                format!(
+                    "Invalid system user credentials. Please provide non-blank values for system variables: [{}] (or set SYSTEM_USER_CREATE=false)",
+                    missing.join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(SystemUserConfig {
+        create,
+        name: name.unwrap_or_default(),
+        password: SecretString::from(password.unwrap_or_default()),
+    })
+}
+
+/// `DELIVERY_*` and the Java module's `pubsub.delivery.retry.number`.
+fn delivery(r: &Reader<'_>) -> Result<DeliveryConfig, ConfigError> {
+    let schedule_raw = r.string("DELIVERY_RETRY_SCHEDULE", DEFAULT_RETRY_SCHEDULE);
+    let mut retry_schedule = parse_schedule(&schedule_raw).filter(|s| s.len() <= 100).ok_or_else(|| {
+        err(
+            "DELIVERY_RETRY_SCHEDULE",
+            format!("must be a comma-separated list of waits such as 1s,5s,30s,2m,10m (units ms, s, m, h), got \"{schedule_raw}\""),
+        )
+    })?;
+    // The Java module's setting (retries after the first attempt, made at once there): the
+    // number of waits of the default schedule, its last wait repeated beyond five.
+    const RETRY_NUMBER: &str = "pubsub.delivery.retry.number";
+    if r.get("DELIVERY_RETRY_SCHEDULE").is_none() && r.get(RETRY_NUMBER).is_some() {
+        let n = r.number(RETRY_NUMBER, 5usize, 0, 100)?;
+        let last = *retry_schedule
+            .last()
+            .expect("the default schedule has waits");
+        retry_schedule.resize(n, last);
+    }
+    Ok(DeliveryConfig {
+        enabled: r.bool("DELIVERY_ENABLED", true)?,
+        retry_schedule,
+        timeout: Duration::from_millis(r.number("DELIVERY_TIMEOUT_MS", 30_000u64, 100, 600_000)?),
+        connect_timeout: Duration::from_millis(r.number(
+            "DELIVERY_CONNECT_TIMEOUT_MS",
+            2_000u64,
+            100,
+            60_000,
+        )?),
+        fetch_wait: Duration::from_millis(r.number("DELIVERY_FETCH_WAIT_MS", 500u64, 1, 5_000)?),
+        max_in_flight: r.number("DELIVERY_MAX_IN_FLIGHT", 16usize, 1, 10_000)?,
+        retry_client_errors: r.bool("DELIVERY_RETRY_CLIENT_ERRORS", false)?,
+        honour_event_ttl: r.bool("DELIVERY_HONOUR_EVENT_TTL", false)?,
+        session_timeout: Duration::from_millis(r.number(
+            "DELIVERY_SESSION_TIMEOUT_MS",
+            45_000u64,
+            6_000,
+            300_000,
+        )?),
+        max_active_partitions: r.number(
+            "DELIVERY_MAX_ACTIVE_PARTITIONS",
+            crate::client::dispatch::DEFAULT_MAX_ACTIVE,
+            1,
+            1_000_000,
+        )?,
+        idle_check: Duration::from_millis(r.number(
+            "DELIVERY_IDLE_CHECK_MS",
+            crate::client::dispatch::DEFAULT_IDLE_CHECK.as_millis() as u64,
+            50,
+            60_000,
+        )?),
+    })
 }
 
 impl DbConfig {
