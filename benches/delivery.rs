@@ -97,8 +97,8 @@ impl Sink {
     }
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+fn percentile(latencies: &[Duration], p: f64) -> Duration {
+    common::quantiles(latencies, &[p])[0]
 }
 
 /// What a careful hand-written consumer does: up to `in_flight` POSTs at once, records of one

@@ -140,12 +140,9 @@ impl Measured {
         if self.latencies.is_empty() {
             return "-".into();
         }
-        self.latencies.sort_unstable();
-        let at = |q: f64| {
-            let i = ((self.latencies.len() as f64 * q) as usize).min(self.latencies.len() - 1);
-            self.latencies[i].as_secs_f64() * 1e3
-        };
-        format!("{:.2} / {:.1}", at(0.5), at(0.99))
+        let q = common::quantiles(&self.latencies, &[0.5, 0.99]);
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        format!("{:.2} / {:.1}", ms(q[0]), ms(q[1]))
     }
 }
 
