@@ -502,19 +502,10 @@ async fn consumer_lag_counts_the_events_the_group_has_not_finished() {
     let lag_reaches = |want: f64, within: Duration| {
         let (app, line) = (&app, &line);
         async move {
-            let deadline = Instant::now() + within;
-            loop {
-                let text = crate::helpers::metrics(app).await;
-                let got = metric(&text, line);
-                if got == Some(want) {
-                    return;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "{line} is {got:?}, not {want}, after {within:?}"
-                );
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
+            eventually(&format!("{line} reads {want}"), within, || async move {
+                (metric(&crate::helpers::metrics(app).await, line) == Some(want)).then_some(())
+            })
+            .await
         }
     };
     // While the callbacks run (16 s), the lag reading (every 10 s) sees all five.

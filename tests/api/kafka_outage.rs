@@ -111,25 +111,22 @@ async fn broker_down_then_back() {
 
     // The broker comes back empty (memory storage): publishing works again, the topic is recreated.
     broker.restart();
-    let back = Instant::now();
-    loop {
-        let r = app
-            .post_json(
-                "diku",
-                "/pubsub/publish",
-                &event(&new_id(), "OUTAGE", "diku", "m-1.0.0", "{}"),
-            )
-            .await;
-        if r.status() == 204 {
-            break;
-        }
-        let last = format!("{} {}", r.status(), r.text().await.unwrap());
-        assert!(
-            back.elapsed() < Duration::from_secs(60),
-            "publishing did not recover: {last}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let app_ref = &app;
+    eventually(
+        "publishing recovered",
+        Duration::from_secs(60),
+        || async move {
+            let r = app_ref
+                .post_json(
+                    "diku",
+                    "/pubsub/publish",
+                    &event(&new_id(), "OUTAGE", "diku", "m-1.0.0", "{}"),
+                )
+                .await;
+            (r.status() == 204).then_some(())
+        },
+    )
+    .await;
     let bootstrap = broker.bootstrap();
     let topic = app.topic("diku", "OUTAGE");
     assert!(
@@ -140,22 +137,20 @@ async fn broker_down_then_back() {
     );
     // The topic declared during the outage is created by the reconciler, and nothing is
     // reported missing any more.
-    let created = Instant::now();
-    loop {
-        let (bootstrap, topic) = (broker.bootstrap(), outage_2.clone());
-        let exists = tokio::task::spawn_blocking(move || partitions(&bootstrap, &topic))
-            .await
-            .unwrap()
-            .is_some();
-        if exists && missing_topics(&app).await == 0.0 {
-            break;
-        }
-        assert!(
-            created.elapsed() < Duration::from_secs(60),
-            "{outage_2} not created after the outage"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let (broker_ref, outage_2_ref) = (&broker, &outage_2);
+    eventually(
+        &format!("{outage_2} created after the outage, nothing missing"),
+        Duration::from_secs(60),
+        || async move {
+            let (bootstrap, topic) = (broker_ref.bootstrap(), outage_2_ref.clone());
+            let exists = tokio::task::spawn_blocking(move || partitions(&bootstrap, &topic))
+                .await
+                .unwrap()
+                .is_some();
+            (exists && missing_topics(app_ref).await == 0.0).then_some(())
+        },
+    )
+    .await;
     let (_, health) = app.health().await;
     assert!(!health.contains("not created yet"), "{health}");
     let r = app
