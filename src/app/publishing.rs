@@ -125,20 +125,7 @@ pub async fn publish(deps: &Deps<'_>, p: Publication<'_>) -> Result<(), PublishF
         headers: record_headers,
     };
 
-    let mut sent = deps.kafka.producer.send(&record).await;
-    if let Err(PublishError::UnknownTopic(_)) = &sent {
-        // The broker lost the topic (wiped or replaced): the registration exists, so recreate it.
-        tracing::warn!(%topic, "topic missing on publish; recreating it");
-        match deps
-            .kafka
-            .admin
-            .ensure(&BTreeSet::from([topic.clone()]))
-            .await
-        {
-            Ok(()) => sent = deps.kafka.producer.send(&record).await,
-            Err(e) => tracing::error!(%topic, error = %e, "could not recreate topic"),
-        }
-    }
+    let sent = send_recreating_topic(deps, &record).await;
     let labels = Metrics::event(event_type.as_str());
     match sent {
         Ok((partition, offset)) => {
@@ -166,6 +153,32 @@ pub async fn publish(deps: &Deps<'_>, p: Publication<'_>) -> Result<(), PublishF
                 PublishError::TooLarge => PublishFailure::TooLarge(message),
                 _ => PublishFailure::Unavailable(message),
             })
+        }
+    }
+}
+
+/// Writes `record`; when the broker lost its topic (wiped or replaced) the registration still
+/// exists, so the topic is created again and the record written once more.
+async fn send_recreating_topic(
+    deps: &Deps<'_>,
+    record: &OutgoingRecord<'_>,
+) -> Result<(i32, i64), PublishError> {
+    let sent = deps.kafka.producer.send(record).await;
+    if !matches!(sent, Err(PublishError::UnknownTopic(_))) {
+        return sent;
+    }
+    let topic = record.topic;
+    tracing::warn!(%topic, "topic missing on publish; recreating it");
+    match deps
+        .kafka
+        .admin
+        .ensure(&BTreeSet::from([topic.clone()]))
+        .await
+    {
+        Ok(()) => deps.kafka.producer.send(record).await,
+        Err(e) => {
+            tracing::error!(%topic, error = %e, "could not recreate topic");
+            sent
         }
     }
 }
