@@ -284,44 +284,8 @@ impl Engine {
             let consumer = Arc::new(consumer);
             let (c, t) = (Arc::clone(&consumer), topic.clone());
             // Start offsets for the time, end offsets now; then assign.
-            let ends = tokio::task::spawn_blocking(
-                move || -> Result<HashMap<i32, i64>, DeadLetterError> {
-                    let md = c.fetch_metadata(Some(&t), READ_TIMEOUT)?;
-                    let mut by_time = TopicPartitionList::new();
-                    for p in md
-                        .topics()
-                        .iter()
-                        .filter(|x| x.name() == t)
-                        .flat_map(|x| x.partitions())
-                    {
-                        // Kafka reads negative times as special offsets; before 1970 means everything.
-                        let at = Offset::Offset(from.timestamp_millis().max(0));
-                        by_time.add_partition_offset(&t, p.id(), at)?;
-                    }
-                    let starts = c.offsets_for_times(by_time, READ_TIMEOUT)?;
-                    let mut assign = TopicPartitionList::new();
-                    let mut ends = HashMap::new();
-                    for e in starts.elements() {
-                        let (low, high) = c.fetch_watermarks(&t, e.partition(), READ_TIMEOUT)?;
-                        let start = match e.offset() {
-                            Offset::Offset(o) => o,
-                            _ => high, // nothing at or after `from`
-                        }
-                        .max(low);
-                        if high > start {
-                            assign.add_partition_offset(
-                                &t,
-                                e.partition(),
-                                Offset::Offset(start),
-                            )?;
-                            ends.insert(e.partition(), high);
-                        }
-                    }
-                    c.assign(&assign)?;
-                    Ok(ends)
-                },
-            )
-            .await??;
+            let ends =
+                tokio::task::spawn_blocking(move || assign_from_time(&c, &t, from)).await??;
             let mut done = BTreeSet::new();
             while done.len() < ends.len() {
                 let msg = tokio::select! {
@@ -346,4 +310,43 @@ impl Engine {
         }
         Ok(total)
     }
+}
+
+/// Assigns `consumer` the partitions of `topic` that have records at or after `from`, each from
+/// its first such record; returns their end offsets now (where the replay stops). Blocking: call
+/// it off the async workers.
+fn assign_from_time(
+    consumer: &StreamConsumer,
+    topic: &str,
+    from: DateTime<Utc>,
+) -> Result<HashMap<i32, i64>, DeadLetterError> {
+    let md = consumer.fetch_metadata(Some(topic), READ_TIMEOUT)?;
+    let mut by_time = TopicPartitionList::new();
+    for p in md
+        .topics()
+        .iter()
+        .filter(|x| x.name() == topic)
+        .flat_map(|x| x.partitions())
+    {
+        // Kafka reads negative times as special offsets; before 1970 means everything.
+        let at = Offset::Offset(from.timestamp_millis().max(0));
+        by_time.add_partition_offset(topic, p.id(), at)?;
+    }
+    let starts = consumer.offsets_for_times(by_time, READ_TIMEOUT)?;
+    let mut assign = TopicPartitionList::new();
+    let mut ends = HashMap::new();
+    for e in starts.elements() {
+        let (low, high) = consumer.fetch_watermarks(topic, e.partition(), READ_TIMEOUT)?;
+        let start = match e.offset() {
+            Offset::Offset(o) => o,
+            _ => high, // nothing at or after `from`
+        }
+        .max(low);
+        if high > start {
+            assign.add_partition_offset(topic, e.partition(), Offset::Offset(start))?;
+            ends.insert(e.partition(), high);
+        }
+    }
+    consumer.assign(&assign)?;
+    Ok(ends)
 }
