@@ -149,13 +149,13 @@ impl Engine {
         tokens: Arc<crate::system_user::Tokens>,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
-        let config_okapi_url = config.okapi_url.clone();
         let http = reqwest::Client::builder()
             .connect_timeout(config.delivery.connect_timeout)
             .timeout(config.delivery.timeout)
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(config.delivery.max_in_flight.max(32))
             .build()?;
+        let okapi = crate::client::Okapi::new(http, config.okapi_url.as_str());
         Ok(Engine {
             sink: Arc::new(ServiceSink(Arc::clone(&kafka))),
             metrics,
@@ -164,7 +164,7 @@ impl Engine {
             kafka,
             registry,
             audit,
-            okapi: crate::client::Okapi::new(http, config_okapi_url.as_str()),
+            okapi,
             modules: Mutex::default(),
             published: tokio::sync::broadcast::channel(4096).0,
         })

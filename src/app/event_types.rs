@@ -5,12 +5,19 @@ use super::Deps;
 use crate::db::registry::{self, StoredDescriptor};
 use crate::domain::EventType;
 
-/// Why an event type was not registered or deleted.
+/// Why an event type was not registered.
 #[derive(Debug, thiserror::Error)]
-pub enum EventTypeError {
+pub enum RegisterError {
     /// A different descriptor is registered for the event type.
     #[error("a different descriptor exists")]
     Different { existing: StoredDescriptor },
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+/// Why an event type was not deleted.
+#[derive(Debug, thiserror::Error)]
+pub enum DeleteError {
     #[error("no such event type")]
     NotFound,
     /// Modules are registered for it (named, unless a registration came meanwhile).
@@ -21,7 +28,7 @@ pub enum EventTypeError {
 }
 
 /// Registers `wanted`: stored if new, kept if equal, replacing a temporary descriptor.
-pub async fn register(deps: &Deps<'_>, wanted: &StoredDescriptor) -> Result<(), EventTypeError> {
+pub async fn register(deps: &Deps<'_>, wanted: &StoredDescriptor) -> Result<(), RegisterError> {
     let mut tx = deps.pool.begin().await?;
     if !registry::insert_descriptor_if_absent(&mut *tx, wanted).await? {
         match registry::find_descriptor_for_update(&mut tx, &wanted.event_type).await? {
@@ -29,7 +36,7 @@ pub async fn register(deps: &Deps<'_>, wanted: &StoredDescriptor) -> Result<(), 
                 registry::update_descriptor(&mut *tx, wanted).await?;
             }
             Some(existing) if existing == *wanted => {}
-            Some(existing) => return Err(EventTypeError::Different { existing }),
+            Some(existing) => return Err(RegisterError::Different { existing }),
             // Deleted between the insert attempt and the read: insert it now.
             None => registry::insert_descriptor(&mut *tx, wanted).await?,
         }
@@ -40,26 +47,26 @@ pub async fn register(deps: &Deps<'_>, wanted: &StoredDescriptor) -> Result<(), 
 }
 
 /// Deletes the event type `name` if no module of any tenant is registered for it.
-pub async fn delete(deps: &Deps<'_>, name: &EventType) -> Result<(), EventTypeError> {
+pub async fn delete(deps: &Deps<'_>, name: &EventType) -> Result<(), DeleteError> {
     let name = name.as_str();
     let mut tx = deps.pool.begin().await?;
     if registry::find_descriptor(&mut *tx, name).await?.is_none() {
-        return Err(EventTypeError::NotFound);
+        return Err(DeleteError::NotFound);
     }
     let modules = registry::modules_using_event_type(&mut tx, name).await?;
     if !modules.is_empty() {
-        return Err(EventTypeError::InUse { modules });
+        return Err(DeleteError::InUse { modules });
     }
     let deleted = match registry::delete_descriptor(&mut tx, name).await {
         Ok(n) => n,
         // A registration came after the check.
         Err(sqlx::Error::Database(db)) if db.constraint() == Some("fk_event_type_id") => {
-            return Err(EventTypeError::InUse { modules: vec![] })
+            return Err(DeleteError::InUse { modules: vec![] })
         }
         Err(e) => return Err(e.into()),
     };
     if deleted != 1 {
-        return Err(EventTypeError::NotFound);
+        return Err(DeleteError::NotFound);
     }
     tx.commit().await?;
     tracing::info!(event_type = %name, "event type deleted");

@@ -11,7 +11,7 @@ use utoipa_axum::routes;
 
 use super::extract::{FolioJson, Tenant};
 use super::AppState;
-use crate::app::event_types::{self, EventTypeError};
+use crate::app::event_types::{self, DeleteError, RegisterError};
 use crate::db::registry::{self, StoredDescriptor};
 use crate::domain::EventType;
 use crate::error::{AppError, AppResult};
@@ -126,12 +126,12 @@ async fn create_event_type(
     let wanted = StoredDescriptor::from(body.clone());
     match event_types::register(&state.deps(), &wanted).await {
         Ok(()) => Ok((StatusCode::CREATED, Json(body))),
-        Err(EventTypeError::Different { existing }) => Err(AppError::BadRequest(format!(
+        Err(RegisterError::Different { existing }) => Err(AppError::BadRequest(format!(
             "Event descriptor for event type '{}' already exists, but the content is different. Existing event descriptor: {}",
             wanted.event_type,
             pretty(&existing)
         ))),
-        Err(e) => Err(e.into()),
+        Err(RegisterError::Database(e)) => Err(e.into()),
     }
 }
 
@@ -211,30 +211,14 @@ async fn delete_event_type(
     };
     match event_types::delete(&state.deps(), &event_type).await {
         Ok(()) => Ok(StatusCode::NO_CONTENT),
-        Err(EventTypeError::NotFound) => Err(not_found()),
-        Err(EventTypeError::InUse { modules }) if !modules.is_empty() => Err(AppError::BadRequest(format!(
+        Err(DeleteError::NotFound) => Err(not_found()),
+        Err(DeleteError::InUse { modules }) if !modules.is_empty() => Err(AppError::BadRequest(format!(
             "Event type {name} cannot be deleted. Modules [{}] are registered as publishers or subscribers for this event type.",
             modules.join(", ")
         ))),
-        Err(EventTypeError::InUse { .. }) => Err(AppError::BadRequest(format!(
+        Err(DeleteError::InUse { .. }) => Err(AppError::BadRequest(format!(
             "Event type {name} cannot be deleted. Modules are registered for it."
         ))),
-        Err(e) => Err(e.into()),
-    }
-}
-
-impl From<EventTypeError> for AppError {
-    fn from(e: EventTypeError) -> Self {
-        match e {
-            EventTypeError::Database(e) => e.into(),
-            EventTypeError::NotFound => AppError::NotFound("Event type not found".into()),
-            EventTypeError::InUse { .. } => {
-                AppError::BadRequest("Modules are registered for this event type".into())
-            }
-            EventTypeError::Different { existing } => AppError::BadRequest(format!(
-                "A different event descriptor exists: {}",
-                pretty(&existing)
-            )),
-        }
+        Err(DeleteError::Database(e)) => Err(e.into()),
     }
 }

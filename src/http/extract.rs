@@ -6,6 +6,7 @@ use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use serde::de::DeserializeOwned;
 
+use crate::config::Config;
 use crate::domain::TenantId;
 use crate::error::{codes, AppError, ErrorItem};
 
@@ -192,6 +193,17 @@ fn value_at(doc: &serde_json::Value, path: &serde_path_to_error::Path) -> String
             }
         }
     }
+}
+
+/// Where the request says Okapi is (`X-Okapi-Url`), else `OKAPI_URL` (without a trailing `/`).
+pub fn okapi_url(headers: &axum::http::HeaderMap, config: &Config) -> String {
+    headers
+        .get("x-okapi-url")
+        .and_then(|v| v.to_str().ok())
+        .map_or_else(
+            || config.okapi_url.as_str().trim_end_matches('/').to_owned(),
+            str::to_owned,
+        )
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use axum::http::{HeaderMap, StatusCode};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::extract::{is_json_object, parse_json, JsonBody, Tenant};
+use super::extract::{is_json_object, okapi_url, parse_json, JsonBody, Tenant};
 use super::AppState;
 use crate::app::publishing::{self, Publication, PublishFailure, PublishedEvent};
 use crate::error::{AppError, AppResult};
@@ -42,18 +42,7 @@ async fn publish(
     let event = parse_event(&body)?;
     drop(body);
     let key = partition_key(&headers)?.unwrap_or_else(|| event.id.0.to_string());
-    let okapi_url = headers
-        .get("x-okapi-url")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .unwrap_or_else(|| {
-            state
-                .config
-                .okapi_url
-                .as_str()
-                .trim_end_matches('/')
-                .to_owned()
-        });
+    let okapi_url = okapi_url(&headers, &state.config);
     let mut forwarded = vec![("x-okapi-url", okapi_url.as_str())];
     for name in ["x-okapi-request-id", "x-okapi-user-id"] {
         if let Some(v) = headers.get(name).and_then(|v| v.to_str().ok()) {

@@ -133,11 +133,7 @@ async fn post_tenant(
     let id = tenants::create_job(&state.deps(), &tenant, &attributes).await?;
     tracing::info!(%tenant, job = %id, module_from = ?attrs.module_from, module_to = ?attrs.module_to, "tenant init job started");
     let okapi = OkapiHeaders {
-        url: headers
-            .get("x-okapi-url")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-            .unwrap_or_else(|| state.config.okapi_url.as_str().to_owned()),
+        url: super::extract::okapi_url(&headers, &state.config),
         token: headers
             .get("x-okapi-token")
             .and_then(|v| v.to_str().ok())
