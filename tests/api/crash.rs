@@ -182,9 +182,10 @@ async fn assigned(client: &reqwest::Client, bases: &[String]) -> Vec<u32> {
 /// Waits until the live instances hold all `partitions` between them, each some: the group
 /// has settled after a member joined.
 async fn settled(client: &reqwest::Client, bases: &[String], partitions: u32) {
-    eventually(
+    eventually_every(
         "the group settled (every partition held, every member holding some)",
         Duration::from_secs(60),
+        Duration::from_millis(200),
         || async move {
             let held = assigned(client, bases).await;
             (held.iter().sum::<u32>() == partitions && held.iter().all(|&n| n > 0)).then_some(())

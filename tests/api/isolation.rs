@@ -502,9 +502,14 @@ async fn consumer_lag_counts_the_events_the_group_has_not_finished() {
     let lag_reaches = |want: f64, within: Duration| {
         let (app, line) = (&app, &line);
         async move {
-            eventually(&format!("{line} reads {want}"), within, || async move {
-                (metric(&crate::helpers::metrics(app).await, line) == Some(want)).then_some(())
-            })
+            eventually_every(
+                &format!("{line} reads {want}"),
+                within,
+                Duration::from_millis(200),
+                || async move {
+                    (metric(&crate::helpers::metrics(app).await, line) == Some(want)).then_some(())
+                },
+            )
             .await
         }
     };

@@ -279,22 +279,7 @@ async fn starts_on_the_java_modules_tables_and_keeps_their_data() {
 #[tokio::test]
 async fn the_java_modules_statements_work_on_a_database_this_service_created() {
     let app = TestApp::spawn().await;
-    app.enable_tenant(TENANT).await;
-    let d = descriptor("ITEM_CHECKED_OUT", "Item was checked out", 1);
-    assert_eq!(
-        app.post_json(TENANT, "/pubsub/event-types", &d)
-            .await
-            .status(),
-        201
-    );
-    let r = app
-        .post_json(
-            TENANT,
-            "/pubsub/event-types/declare/publisher",
-            &publisher("mod-circulation-25.0.0", [d]),
-        )
-        .await;
-    assert_eq!(r.status(), 201);
+    register_publisher(&app, TENANT, "ITEM_CHECKED_OUT", "mod-circulation-25.0.0").await;
     let r = app
         .post_json(
             TENANT,

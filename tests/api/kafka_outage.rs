@@ -8,12 +8,13 @@ use crate::helpers::kafka::{partitions, CreateRefusingBroker, OwnBroker};
 use crate::helpers::*;
 use crate::helpers::{event, new_id, register_publisher};
 
-/// The service on a fresh database, talking to `broker`, with `extra` settings.
-async fn app_on(broker: &OwnBroker, extra: &[(&str, &str)]) -> TestApp {
+/// The service on a fresh database, talking to the broker on `port` of this machine, with
+/// `extra` settings.
+async fn app_on(port: u16, extra: &[(&str, &str)]) -> TestApp {
     let db = TestDb::create().await;
     let mut settings: Vec<(String, String)> = vec![
         ("KAFKA_HOST".into(), "127.0.0.1".into()),
-        ("KAFKA_PORT".into(), broker.port.to_string()),
+        ("KAFKA_PORT".into(), port.to_string()),
     ];
     settings.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     TestApp::spawn_on(db, move |e| e.extend(settings)).await
@@ -23,7 +24,7 @@ async fn app_on(broker: &OwnBroker, extra: &[(&str, &str)]) -> TestApp {
 async fn broker_down_then_back() {
     let mut broker = OwnBroker::start();
     let app = app_on(
-        &broker,
+        broker.port,
         &[
             ("KAFKA_PUBLISH_TIMEOUT_MS", "2000"),
             ("KAFKA_ADMIN_TIMEOUT_MS", "2000"),
@@ -112,9 +113,10 @@ async fn broker_down_then_back() {
     // The broker comes back empty (memory storage): publishing works again, the topic is recreated.
     broker.restart();
     let app_ref = &app;
-    eventually(
+    eventually_every(
         "publishing recovered",
         Duration::from_secs(60),
+        Duration::from_millis(200),
         || async move {
             let r = app_ref
                 .post_json(
@@ -138,9 +140,10 @@ async fn broker_down_then_back() {
     // The topic declared during the outage is created by the reconciler, and nothing is
     // reported missing any more.
     let (broker_ref, outage_2_ref) = (&broker, &outage_2);
-    eventually(
+    eventually_every(
         &format!("{outage_2} created after the outage, nothing missing"),
         Duration::from_secs(60),
+        Duration::from_millis(500),
         || async move {
             let (bootstrap, topic) = (broker_ref.bootstrap(), outage_2_ref.clone());
             let exists = tokio::task::spawn_blocking(move || partitions(&bootstrap, &topic))
@@ -175,7 +178,7 @@ async fn missing_topics(app: &TestApp) -> f64 {
 #[tokio::test]
 async fn start_up_recreates_the_topics_of_a_wiped_broker() {
     let mut broker = OwnBroker::start();
-    let app = app_on(&broker, &[]).await;
+    let app = app_on(broker.port, &[]).await;
     app.enable_tenant("diku").await;
     let r = app
         .post_json(
@@ -202,9 +205,10 @@ async fn start_up_recreates_the_topics_of_a_wiped_broker() {
     let _second = second.await;
     for topic in topics {
         let (b, t) = (&bootstrap, &topic);
-        eventually(
+        eventually_every(
             &format!("{topic} recreated"),
             Duration::from_secs(30),
+            Duration::from_millis(200),
             || async move {
                 let (b, t) = (b.clone(), t.clone());
                 tokio::task::spawn_blocking(move || partitions(&b, &t))
@@ -224,14 +228,7 @@ async fn start_up_recreates_the_topics_of_a_wiped_broker() {
 #[tokio::test]
 async fn existing_topics_are_used_when_creation_is_not_allowed() {
     let broker = CreateRefusingBroker::start().await;
-    let db = TestDb::create().await;
-    let port = broker.port.to_string();
-    let app = TestApp::spawn_on(db, move |e| {
-        e.insert("KAFKA_HOST".into(), "127.0.0.1".into());
-        e.insert("KAFKA_PORT".into(), port);
-        e.insert("KAFKA_ADMIN_TIMEOUT_MS".into(), "1000".into());
-    })
-    .await;
+    let app = app_on(broker.port, &[("KAFKA_ADMIN_TIMEOUT_MS", "1000")]).await;
     // The operator's topics (and the tenant's dead-letter topic) exist.
     register_publisher(&app, TENANT, "PRE_CREATED", "mod-pre-created-1.0.0").await;
     broker
@@ -269,9 +266,10 @@ async fn existing_topics_are_used_when_creation_is_not_allowed() {
     let pre_created = app.topic(TENANT, "PRE_CREATED");
     // After the reconciler's pass (which lists what exists), only the missing topic is reported.
     let (app_ref, missing, present) = (&app, &not_created, &pre_created);
-    let body = eventually(
+    let body = eventually_every(
         "only the missing topic reported",
         Duration::from_secs(20),
+        Duration::from_millis(200),
         || async move {
             let (_, body) = app_ref.health().await;
             (body.contains(missing.as_str()) && !body.contains(present.as_str())).then_some(body)
@@ -304,14 +302,10 @@ async fn existing_topics_are_used_when_creation_is_not_allowed() {
 #[tokio::test]
 async fn a_declaration_waiting_for_kafka_holds_no_database_connection() {
     let broker = CreateRefusingBroker::start().await;
-    let db = TestDb::create().await;
-    let port = broker.port.to_string();
-    let app = TestApp::spawn_on(db, move |e| {
-        e.insert("KAFKA_HOST".into(), "127.0.0.1".into());
-        e.insert("KAFKA_PORT".into(), port);
-        e.insert("KAFKA_ADMIN_TIMEOUT_MS".into(), "5000".into());
-        e.insert("DB_MAXPOOLSIZE".into(), "1".into());
-    })
+    let app = app_on(
+        broker.port,
+        &[("KAFKA_ADMIN_TIMEOUT_MS", "5000"), ("DB_MAXPOOLSIZE", "1")],
+    )
     .await;
     app.enable_tenant(TENANT).await;
     let d = descriptor("SLOW_TOPIC", "test event", 1);

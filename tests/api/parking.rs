@@ -51,9 +51,10 @@ async fn only_partitions_with_events_are_fetched_and_two_slots_serve_six_topics(
     let active = r#"pubsub_delivery_active_partitions{module="mod-park"}"#;
     let app_ref = &app;
     let partitions =
-        eventually(
+        eventually_every(
             "every partition assigned",
             Duration::from_secs(30),
+            Duration::from_millis(200),
             || async move {
                 metric(&metrics(app_ref).await, assigned).filter(|n| *n >= TYPES.len() as f64)
             },

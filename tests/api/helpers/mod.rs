@@ -386,7 +386,22 @@ fn init_test_logging() {
 
 /// Polls `check` every 20 ms until it gives `Some`, failing the test with `what` after `timeout`.
 /// Sync checks return `std::future::ready(…)`.
-pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    eventually_every(what, timeout, Duration::from_millis(20), check).await
+}
+
+/// [`eventually`], polling every `every`: for checks that load what they watch (metrics of
+/// instances under test, a broker's metadata, a publish).
+pub async fn eventually_every<T, F, Fut>(
+    what: &str,
+    timeout: Duration,
+    every: Duration,
+    mut check: F,
+) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
@@ -400,7 +415,7 @@ where
             std::time::Instant::now() < deadline,
             "not within {timeout:?}: {what}"
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(every).await;
     }
 }
 
