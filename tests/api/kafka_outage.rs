@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::helpers::kafka::{partitions, CreateRefusingBroker, OwnBroker};
+use crate::helpers::kafka::{partitions_of, CreateRefusingBroker, OwnBroker};
 use crate::helpers::*;
 use crate::helpers::{event, new_id, register_publisher};
 
@@ -131,12 +131,7 @@ async fn broker_down_then_back() {
     .await;
     let bootstrap = broker.bootstrap();
     let topic = app.topic("diku", "OUTAGE");
-    assert!(
-        tokio::task::spawn_blocking(move || partitions(&bootstrap, &topic))
-            .await
-            .unwrap()
-            .is_some()
-    );
+    assert!(partitions_of(&bootstrap, &topic).await.is_some());
     // The topic declared during the outage is created by the reconciler, and nothing is
     // reported missing any more.
     let (broker_ref, outage_2_ref) = (&broker, &outage_2);
@@ -145,10 +140,8 @@ async fn broker_down_then_back() {
         Duration::from_secs(60),
         Duration::from_millis(500),
         || async move {
-            let (bootstrap, topic) = (broker_ref.bootstrap(), outage_2_ref.clone());
-            let exists = tokio::task::spawn_blocking(move || partitions(&bootstrap, &topic))
+            let exists = partitions_of(&broker_ref.bootstrap(), outage_2_ref)
                 .await
-                .unwrap()
                 .is_some();
             (exists && missing_topics(app_ref).await == 0.0).then_some(())
         },
@@ -192,15 +185,7 @@ async fn start_up_recreates_the_topics_of_a_wiped_broker() {
     broker.restart(); // wiped
     let bootstrap = broker.bootstrap();
     let topics = [app.topic("diku", "HEAL_A"), app.topic("diku", "HEAL_B")];
-    {
-        let (b, t) = (bootstrap.clone(), topics[0].clone());
-        assert_eq!(
-            tokio::task::spawn_blocking(move || partitions(&b, &t))
-                .await
-                .unwrap(),
-            None
-        );
-    }
+    assert_eq!(partitions_of(&bootstrap, &topics[0]).await, None);
     // A (re)started instance reconciles at start-up.
     let _second = second.await;
     for topic in topics {
@@ -209,13 +194,7 @@ async fn start_up_recreates_the_topics_of_a_wiped_broker() {
             &format!("{topic} recreated"),
             Duration::from_secs(30),
             Duration::from_millis(200),
-            || async move {
-                let (b, t) = (b.clone(), t.clone());
-                tokio::task::spawn_blocking(move || partitions(&b, &t))
-                    .await
-                    .unwrap()
-                    .map(|_| ())
-            },
+            || async move { partitions_of(b, t).await.map(|_| ()) },
         )
         .await;
     }

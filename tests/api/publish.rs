@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::helpers::kafka::{partitions, read_records};
+use crate::helpers::kafka::{partitions_of, read_records};
 use crate::helpers::*;
 
 #[tokio::test]
@@ -28,16 +28,7 @@ async fn declarations_create_topics_with_the_configured_partitions() {
     for t in ["ITEM_CHECKED_OUT", "LOAN_CLOSED"] {
         let topic = app.topic("diku", t);
         assert!(topic.contains(".Default.diku."), "{topic}");
-        assert_eq!(
-            tokio::task::spawn_blocking({
-                let (b, topic) = (bootstrap.clone(), topic.clone());
-                move || partitions(&b, &topic)
-            })
-            .await
-            .unwrap(),
-            Some(3),
-            "{topic}"
-        );
+        assert_eq!(partitions_of(&bootstrap, &topic).await, Some(3), "{topic}");
     }
     // Events with one partition key keep their order on one partition.
     let mut sent: Vec<(String, String)> = Vec::new();
@@ -96,12 +87,7 @@ async fn declarations_create_topics_with_the_configured_partitions() {
         .await;
     assert_eq!(r.status(), 201);
     let topic = app.topic("other", "LOAN_CLOSED");
-    assert_eq!(
-        tokio::task::spawn_blocking(move || partitions(&bootstrap, &topic))
-            .await
-            .unwrap(),
-        Some(3)
-    );
+    assert_eq!(partitions_of(&bootstrap, &topic).await, Some(3));
 }
 
 #[tokio::test]

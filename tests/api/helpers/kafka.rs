@@ -71,6 +71,15 @@ pub fn partitions(bootstrap: &str, topic: &str) -> Option<usize> {
         .map(|t| t.partitions().len())
 }
 
+/// [`partitions`] off the async workers (it blocks on a metadata request).
+#[allow(dead_code)]
+pub async fn partitions_of(bootstrap: &str, topic: &str) -> Option<usize> {
+    let (bootstrap, topic) = (bootstrap.to_owned(), topic.to_owned());
+    tokio::task::spawn_blocking(move || partitions(&bootstrap, &topic))
+        .await
+        .unwrap()
+}
+
 /// A tansu broker of the test's own, on a free port, with memory storage.
 pub struct OwnBroker {
     pub port: u16,
