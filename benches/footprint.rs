@@ -16,7 +16,7 @@
 //!   registrations and the service itself take), threads and TCP connections to the broker, 5 s after that;
 //! * CPU the idle instance uses over 10 s (what fetching many empty partitions costs).
 //!
-//! The delivery consumers run with the service's default `DELIVERY_FETCH_WAIT_MS` (500;
+//! The delivery consumers run with the service's default `DELIVERY_FETCH_WAIT_MS` (100;
 //! `BENCH_FETCH_WAIT_MS` changes it). The first count is the baseline: the table gives each figure's growth against it.
 //! `BENCH_MODULES` (default 1) adds subscriber modules that subscribe to the same 8 event
 //! types in the first tenant only (the rest of a FOLIO install).
@@ -215,8 +215,12 @@ async fn main() {
         })
         .collect();
     // The service's default (what a deployment on Kafka runs), not the scripts' 20 ms for
-    // tansu: tansu holds each fetch this long, so start-up includes up to one such wait.
-    let fetch_wait = env_or("BENCH_FETCH_WAIT_MS", "500");
+    // tansu: tansu holds each fetch this long, so every wave of partitions fetched at start-up
+    // includes one such wait.
+    let fetch_wait = env_or(
+        "BENCH_FETCH_WAIT_MS",
+        &mod_pubsub::config::DEFAULT_FETCH_WAIT_MS.to_string(),
+    );
     let kafka_port: u16 = env_or("KAFKA_PORT", "9092").parse().unwrap();
 
     let sink_state = Sink::default();

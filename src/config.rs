@@ -69,12 +69,14 @@ pub struct DeliveryConfig {
     pub timeout: Duration,
     /// Connect timeout of a callback (`DELIVERY_CONNECT_TIMEOUT_MS`, default 2000).
     pub connect_timeout: Duration,
-    /// librdkafka `fetch.wait.max.ms` of the delivery consumers (`DELIVERY_FETCH_WAIT_MS`,
-    /// default 500, librdkafka's): the longest an idle fetch waits. Kafka answers a fetch as
-    /// soon as a record arrives, so this costs no latency there, and a consumer holding
-    /// thousands of idle partitions (a module in 1,000 tenants) sends two fetches a second
-    /// instead of fifty. Brokers that hold every fetch to this maximum (tansu) add it to each
-    /// event's latency and bound throughput by it: the project's scripts set 20 for tansu.
+    /// librdkafka `fetch.wait.max.ms` of the delivery fetchers (`DELIVERY_FETCH_WAIT_MS`,
+    /// default [`DEFAULT_FETCH_WAIT_MS`]): the longest an idle fetch waits. Kafka answers a
+    /// fetch as soon as a record arrives, so this costs no latency there. A fetcher holds only
+    /// partitions that have records or had some in the last 30 s (the others are parked, see
+    /// `client::dispatch`), so a short wait costs few idle fetches (at most ten a second per
+    /// fetcher, and a fetcher with nothing to fetch for a minute is closed). Brokers that hold
+    /// every fetch to this maximum (tansu) add it to each event's latency and to every wave of
+    /// partitions fetched at start-up: the project's scripts set 20 for tansu.
     pub fetch_wait: Duration,
     /// Callbacks at once per subscriber module on this instance, and unfinished records held
     /// per partition (`DELIVERY_MAX_IN_FLIGHT`, default 16).
@@ -100,6 +102,9 @@ pub struct DeliveryConfig {
     /// through this instance wake their partition at once.
     pub idle_check: Duration,
 }
+
+/// Default of `DELIVERY_FETCH_WAIT_MS` ([`DeliveryConfig::fetch_wait`]).
+pub const DEFAULT_FETCH_WAIT_MS: u64 = 100;
 
 /// `1s,5s,30s,2m,10m` (humantime durations: ms, s, m, h, …).
 const DEFAULT_RETRY_SCHEDULE: &str = "1s,5s,30s,2m,10m";
@@ -398,7 +403,12 @@ fn delivery(r: &Reader<'_>) -> Result<DeliveryConfig, ConfigError> {
             100,
             60_000,
         )?),
-        fetch_wait: Duration::from_millis(r.number("DELIVERY_FETCH_WAIT_MS", 500u64, 1, 5_000)?),
+        fetch_wait: Duration::from_millis(r.number(
+            "DELIVERY_FETCH_WAIT_MS",
+            DEFAULT_FETCH_WAIT_MS,
+            1,
+            5_000,
+        )?),
         max_in_flight: r.number("DELIVERY_MAX_IN_FLIGHT", 16usize, 1, 10_000)?,
         retry_client_errors: r.bool("DELIVERY_RETRY_CLIENT_ERRORS", false)?,
         honour_event_ttl: r.bool("DELIVERY_HONOUR_EVENT_TTL", false)?,

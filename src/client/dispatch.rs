@@ -25,10 +25,10 @@
 //!   wait for a slot (or after 30 s without a record). Records that arrive after the end offset
 //!   was read are found by the next reading: nothing is skipped, the partition is fetched again.
 //! * librdkafka keeps the objects of every topic a client has fetched until the client goes, so a
-//!   fetcher that has fetched `2 x max_active` topics retires: it takes nothing new, its
-//!   partitions move to a new fetcher as they drain, and it is closed when it holds none (a fetcher
-//!   with nothing active for a minute is closed too). What the instance holds in librdkafka is
-//!   bounded by `max_active`, not by the number of tenants.
+//!   fetcher that has fetched `max_active` topics retires: it takes nothing new, its partitions
+//!   move to a new fetcher once they are drained and at their end offset, and it is closed when
+//!   it holds none (a fetcher with nothing active for a minute is closed too). What the instance
+//!   holds in librdkafka is bounded by `max_active`, not by the number of tenants.
 //!
 //! # How records flow
 //!
@@ -69,7 +69,8 @@ use chrono::{DateTime, Utc};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer,
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, DefaultConsumerContext, RebalanceProtocol,
+    StreamConsumer,
 };
 use rdkafka::error::KafkaResult;
 use rdkafka::message::{Message, OwnedMessage};
@@ -264,72 +265,29 @@ impl Pipeline {
         cancel: &CancellationToken,
         partition_retrying: &AtomicUsize,
     ) -> Outcome {
-        let headers = record_headers(msg);
-        let received = match msg.payload().map(serde_json::from_slice::<Event>) {
-            Some(Ok(event)) => ReceivedEvent {
-                tenant: headers
-                    .get("folio.tenantId")
-                    .cloned()
-                    .unwrap_or_else(|| event.event_metadata.tenant_id.clone()),
-                topic: msg.topic().to_owned(),
-                partition: msg.partition(),
-                offset: msg.offset(),
-                key: msg.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-                timestamp: msg.timestamp().to_millis(),
-                event,
-                headers,
-            },
-            other => {
-                let reason = match other {
-                    Some(Err(e)) => format!("not an Event envelope: {e}"),
-                    _ => "not an Event envelope: no value".to_owned(),
-                };
+        let received = match decode(msg) {
+            Ok(received) => received,
+            Err((headers, reason)) => {
                 tracing::error!(topic = msg.topic(), partition = msg.partition(), offset = msg.offset(), %reason, "unreadable record");
                 let tenant = headers.get("folio.tenantId").cloned();
                 let subscriber = handler.subscriber(None);
-                return match self
+                if !self
                     .dead_letter(msg, &headers, tenant, &subscriber, &reason, 0, cancel)
                     .await
                 {
-                    true => {
-                        handler.dead_lettered(None, &reason, 0).await;
-                        Outcome::Finished
-                    }
-                    false => Outcome::Abandoned,
-                };
+                    return Outcome::Abandoned;
+                }
+                handler.dead_lettered(None, &reason, 0).await;
+                return Outcome::Finished;
             }
         };
-
-        let mut attempt = 0u32;
-        let reason = loop {
-            attempt += 1;
-            let verdict = {
-                let _permit = tokio::select! {
-                    biased;
-                    _ = cancel.cancelled() => return Outcome::Abandoned,
-                    permit = self.permits.acquire() => permit.expect("the permits are never closed"),
-                };
-                handler.attempt(&received, attempt).await
-            };
-            let (reason, retry) = match verdict {
-                Verdict::Done => return Outcome::Finished,
-                Verdict::Failed { reason, retry } => (reason, retry),
-            };
-            self.stats.note_failure(&reason);
-            let Some(scheduled) = self.retry_schedule.get(attempt as usize - 1) else {
-                break reason;
-            };
-            let wait = match retry {
-                Retry::Never => break reason,
-                Retry::After(wait) => wait,
-                Retry::Schedule => jitter(*scheduled),
-            };
-            let _retrying = RetryingGuard::new(&self.stats, partition_retrying);
-            tokio::select! {
-                biased;
-                _ = cancel.cancelled() => return Outcome::Abandoned,
-                _ = tokio::time::sleep(wait) => {}
-            }
+        let (reason, attempts) = match self
+            .attempts(handler, &received, cancel, partition_retrying)
+            .await
+        {
+            Tried::Done => return Outcome::Finished,
+            Tried::Abandoned => return Outcome::Abandoned,
+            Tried::GaveUp { reason, attempts } => (reason, attempts),
         };
         let subscriber = handler.subscriber(Some(&received));
         let tenant = Some(received.tenant.clone());
@@ -340,7 +298,7 @@ impl Pipeline {
                 tenant,
                 &subscriber,
                 &reason,
-                attempt,
+                attempts,
                 cancel,
             )
             .await
@@ -348,9 +306,53 @@ impl Pipeline {
             return Outcome::Abandoned;
         }
         handler
-            .dead_lettered(Some(&received), &reason, attempt)
+            .dead_lettered(Some(&received), &reason, attempts)
             .await;
         Outcome::Finished
+    }
+
+    /// Attempts until one succeeds, the schedule is used up or the handler says never again;
+    /// each attempt holds one of the permits, a wait between attempts holds none.
+    async fn attempts<H: Handler>(
+        &self,
+        handler: &H,
+        received: &ReceivedEvent,
+        cancel: &CancellationToken,
+        partition_retrying: &AtomicUsize,
+    ) -> Tried {
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let verdict = {
+                let _permit = tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => return Tried::Abandoned,
+                    permit = self.permits.acquire() => permit.expect("the permits are never closed"),
+                };
+                handler.attempt(received, attempt).await
+            };
+            let (reason, retry) = match verdict {
+                Verdict::Done => return Tried::Done,
+                Verdict::Failed { reason, retry } => (reason, retry),
+            };
+            self.stats.note_failure(&reason);
+            let wait = match (self.retry_schedule.get(attempt as usize - 1), retry) {
+                (None, _) | (_, Retry::Never) => {
+                    return Tried::GaveUp {
+                        reason,
+                        attempts: attempt,
+                    }
+                }
+                (Some(_), Retry::After(wait)) => wait,
+                (Some(scheduled), Retry::Schedule) => jitter(*scheduled),
+            };
+            let _retrying = RetryingGuard::new(&self.stats, partition_retrying);
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return Tried::Abandoned,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
     }
 
     /// Writes the record to its tenant's dead-letter topic, retrying until it is written or
@@ -407,6 +409,41 @@ impl Pipeline {
                 }
             }
         }
+    }
+}
+
+/// What the attempts at one record came to.
+enum Tried {
+    Done,
+    /// `cancel` fired: the record is handled again later.
+    Abandoned,
+    /// No attempt is left (or the handler said never): the record goes to the dead letters.
+    GaveUp {
+        reason: String,
+        attempts: u32,
+    },
+}
+
+/// The record as an Event envelope; its headers and why not if it is none.
+#[allow(clippy::result_large_err)]
+fn decode(msg: &OwnedMessage) -> Result<ReceivedEvent, (HashMap<String, String>, String)> {
+    let headers = record_headers(msg);
+    match msg.payload().map(serde_json::from_slice::<Event>) {
+        Some(Ok(event)) => Ok(ReceivedEvent {
+            tenant: headers
+                .get("folio.tenantId")
+                .cloned()
+                .unwrap_or_else(|| event.event_metadata.tenant_id.clone()),
+            topic: msg.topic().to_owned(),
+            partition: msg.partition(),
+            offset: msg.offset(),
+            key: msg.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+            timestamp: msg.timestamp().to_millis(),
+            event,
+            headers,
+        }),
+        Some(Err(e)) => Err((headers, format!("not an Event envelope: {e}"))),
+        None => Err((headers, "not an Event envelope: no value".to_owned())),
     }
 }
 
@@ -708,8 +745,8 @@ struct Held {
 
 /// A consumer outside the group that fetches some of the member's partitions. librdkafka keeps
 /// the objects of every topic a client ever fetched until the client is destroyed, so a
-/// fetcher that has fetched more than twice `max_active` topics retires: it takes no new
-/// partitions, its partitions move to a new fetcher as they drain, and it is closed when it
+/// fetcher that has fetched `max_active` topics retires: it takes no new partitions, its
+/// partitions move to a new fetcher once drained and at their end, and it is closed when it
 /// holds none (a bounded footprint however many tenants a module has).
 struct Fetcher {
     consumer: Arc<StreamConsumer>,
@@ -723,6 +760,38 @@ struct Fetcher {
 impl Drop for Fetcher {
     fn drop(&mut self) {
         self.poller.abort();
+    }
+}
+
+/// A topic handle of librdkafka's application API, held while a fetcher takes partitions of
+/// topics new to it. A topic a client learns of only through an assignment waits for the
+/// client's once-a-second topic scan to ask for its leader, so every wave of new partitions
+/// started up to a second late (0.65–0.95 s from assignment to first record in the footprint
+/// bench); creating the topic through `rd_kafka_topic_new` asks for the leaders at once.
+/// Hand-written FFI because rust-rdkafka exposes topic handles only for producers.
+struct TopicHandle(*mut rdkafka::bindings::rd_kafka_topic_t);
+
+impl TopicHandle {
+    fn new(consumer: &StreamConsumer, topic: &str) -> Option<Self> {
+        let name = std::ffi::CString::new(topic).ok()?;
+        // SAFETY: the client outlives the handle (both are owned by the caller's fetcher, and
+        // the handle is dropped before `activate` returns); librdkafka copies the name.
+        let rkt = unsafe {
+            rdkafka::bindings::rd_kafka_topic_new(
+                consumer.client().native_ptr(),
+                name.as_ptr(),
+                std::ptr::null_mut(),
+            )
+        };
+        (!rkt.is_null()).then_some(TopicHandle(rkt))
+    }
+}
+
+impl Drop for TopicHandle {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from rd_kafka_topic_new and is released once; the topic itself
+        // stays with the client's partitions.
+        unsafe { rdkafka::bindings::rd_kafka_topic_destroy(self.0) }
     }
 }
 
@@ -746,7 +815,33 @@ struct Book<'a> {
     stop: &'a CancellationToken,
 }
 
-impl Book<'_> {
+impl<'a> Book<'a> {
+    fn new(
+        dispatcher: &'a Dispatcher,
+        stats: &'a Arc<Stats>,
+        records: mpsc::UnboundedSender<Admitted>,
+        stop: &'a CancellationToken,
+    ) -> Self {
+        Book {
+            held: HashMap::new(),
+            by_topic: HashMap::new(),
+            fetchers: BTreeMap::new(),
+            next_fetcher: 0,
+            generation: 0,
+            dispatcher,
+            stats,
+            records,
+            stop,
+        }
+    }
+
+    /// This instance wrote to `topic`: its parked partitions are fetched now.
+    fn wake(&mut self, topic: &str) {
+        if self.hint(topic) {
+            self.activate();
+        }
+    }
+
     /// The fetched partition `adm` came from, if it is still fetched as it was then.
     fn part(&mut self, adm: &Admitted) -> Option<&mut Part> {
         self.held
@@ -871,35 +966,22 @@ impl Book<'_> {
     /// Starts fetching parked partitions that have records (or were written to by this
     /// instance), oldest wait first, while fewer than `max_active` are fetched.
     fn activate(&mut self) {
-        let active: usize = self.fetchers.values().map(|f| f.active).sum();
-        let room = self.dispatcher.max_active.saturating_sub(active);
-        if room == 0 {
-            return;
-        }
-        let now = Instant::now();
-        let mut due: Vec<(Instant, (String, i32), i64)> = self
-            .held
-            .iter()
-            .filter(|(_, h)| h.active.is_none())
-            .filter_map(|(tp, h)| {
-                let position = h.position?;
-                let has_records = h.end.is_some_and(|e| e > position);
-                (has_records || h.hinted)
-                    .then(|| (h.waiting_since.unwrap_or(now), tp.clone(), position))
-            })
-            .collect();
+        let due = self.due();
         if due.is_empty() {
             return;
         }
-        due.sort_unstable_by_key(|d| d.0);
-        due.truncate(room);
         let Some(id) = self.fetcher() else {
             return;
         };
         let fetcher = self.fetchers.get_mut(&id).expect("just found or made");
+        let _handles: Vec<TopicHandle> = due
+            .iter()
+            .filter(|((topic, _), _)| !fetcher.topics.contains(topic))
+            .filter_map(|((topic, _), _)| TopicHandle::new(&fetcher.consumer, topic))
+            .collect();
         let mut tpl = TopicPartitionList::with_capacity(due.len());
         let mut queues = Vec::with_capacity(due.len());
-        for (_, (topic, partition), position) in due {
+        for ((topic, partition), position) in due {
             match fetcher.consumer.split_partition_queue(&topic, partition) {
                 Some(queue) => {
                     let _ = tpl.add_partition_offset(&topic, partition, Offset::Offset(position));
@@ -913,33 +995,10 @@ impl Book<'_> {
             return;
         }
         fetcher.active += queues.len();
-        for (topic, partition, queue) in queues {
-            fetcher.topics.insert(topic.clone());
-            self.generation += 1;
-            let window = Arc::new(Semaphore::new(self.dispatcher.max_in_flight));
-            let reader = tokio::spawn(read(
-                queue,
-                Arc::clone(&window),
-                self.generation,
-                self.records.clone(),
-                Arc::clone(self.stats),
-            ));
-            tracing::debug!(%topic, partition, fetcher = id, "partition fetched");
-            let h = self.held.get_mut(&(topic, partition)).expect("due is held");
-            h.hinted = false;
-            h.waiting_since = None;
-            h.active = Some(Part {
-                generation: self.generation,
-                fetcher: id,
-                reader,
-                cancel: self.stop.child_token(),
-                window,
-                offsets: OffsetTracker::default(),
-                retrying: Arc::default(),
-                last_record: now,
-            });
-        }
-        if fetcher.topics.len() >= 2 * self.dispatcher.max_active {
+        fetcher
+            .topics
+            .extend(queues.iter().map(|(topic, _, _)| topic.clone()));
+        if fetcher.topics.len() >= self.dispatcher.max_active {
             tracing::debug!(
                 fetcher = id,
                 topics = fetcher.topics.len(),
@@ -947,7 +1006,67 @@ impl Book<'_> {
             );
             fetcher.retiring = true;
         }
+        for (topic, partition, queue) in queues {
+            self.start_reading(id, (topic, partition), queue);
+        }
         self.count_active();
+    }
+
+    /// Parked partitions to fetch now, with their positions: those with records (or written
+    /// to by this instance), longest waiting first, as many as there is room for.
+    fn due(&self) -> Vec<((String, i32), i64)> {
+        let active: usize = self.fetchers.values().map(|f| f.active).sum();
+        let room = self.dispatcher.max_active.saturating_sub(active);
+        if room == 0 {
+            return Vec::new();
+        }
+        let now = Instant::now();
+        let mut due: Vec<(Instant, (String, i32), i64)> = self
+            .held
+            .iter()
+            .filter(|(_, h)| h.active.is_none())
+            .filter_map(|(tp, h)| {
+                let position = h.position?;
+                let has_records = h.end.is_some_and(|e| e > position);
+                (has_records || h.hinted)
+                    .then(|| (h.waiting_since.unwrap_or(now), tp.clone(), position))
+            })
+            .collect();
+        due.sort_unstable_by_key(|d| d.0);
+        due.truncate(room);
+        due.into_iter().map(|(_, tp, p)| (tp, p)).collect()
+    }
+
+    /// Starts the reader of a partition that fetcher `id` now fetches into `queue`.
+    fn start_reading(
+        &mut self,
+        id: u64,
+        tp: (String, i32),
+        queue: StreamPartitionQueue<DefaultConsumerContext>,
+    ) {
+        self.generation += 1;
+        let window = Arc::new(Semaphore::new(self.dispatcher.max_in_flight));
+        let reader = tokio::spawn(read(
+            queue,
+            Arc::clone(&window),
+            self.generation,
+            self.records.clone(),
+            Arc::clone(self.stats),
+        ));
+        tracing::debug!(topic = %tp.0, partition = tp.1, fetcher = id, "partition fetched");
+        let h = self.held.get_mut(&tp).expect("due is held");
+        h.hinted = false;
+        h.waiting_since = None;
+        h.active = Some(Part {
+            generation: self.generation,
+            fetcher: id,
+            reader,
+            cancel: self.stop.child_token(),
+            window,
+            offsets: OffsetTracker::default(),
+            retrying: Arc::default(),
+            last_record: Instant::now(),
+        });
     }
 
     /// The fetcher that takes new partitions, made when there is none.
@@ -994,9 +1113,11 @@ impl Book<'_> {
         Some(self.next_fetcher)
     }
 
-    /// Parks drained partitions: nothing unfinished, and no record for `quiet`; and either
-    /// their fetcher retires, or they are at their end offset and other partitions wait for a
-    /// slot or nothing came for [`LINGER`]. Closes fetchers left with nothing to fetch.
+    /// Parks drained partitions: nothing unfinished, no record for `quiet`, at their end offset,
+    /// and either their fetcher retires, or other partitions wait for a slot, or nothing came
+    /// for [`LINGER`]. (A partition of a retiring fetcher that is not at its end yet stays: it
+    /// may have a fetch on its way, and parking it would fetch it all over again elsewhere.)
+    /// Closes fetchers left with nothing to fetch.
     fn park(&mut self) {
         let quiet = QUIET;
         let waiting = self
@@ -1023,7 +1144,7 @@ impl Book<'_> {
                 (Some(p), Some(e)) => p >= e,
                 _ => false,
             };
-            if retiring.contains(&part.fetcher) || (at_end && (waiting || idle >= LINGER)) {
+            if at_end && (retiring.contains(&part.fetcher) || waiting || idle >= LINGER) {
                 let _ = stopping
                     .entry(part.fetcher)
                     .or_default()
@@ -1105,32 +1226,20 @@ impl Dispatcher {
         let stats = &pipeline.stats;
         let (tx, mut records) = mpsc::unbounded_channel::<Admitted>();
         let (lookups_tx, mut lookups) = mpsc::unbounded_channel::<Lookup>();
-        let mut book = Book {
-            held: HashMap::new(),
-            by_topic: HashMap::new(),
-            fetchers: BTreeMap::new(),
-            next_fetcher: 0,
-            generation: 0,
-            dispatcher: self,
-            stats,
-            records: tx,
-            stop,
+        let mut run = Run {
+            book: Book::new(self, stats, tx, stop),
+            slots: HashMap::new(),
+            lookups: Lookups::default(),
+            lookups_tx,
+            stopping: false,
         };
-        // Slots with a running record, each with the records waiting behind it.
-        let mut slots: HashMap<Slot, VecDeque<Admitted>> = HashMap::new();
         let mut running = FuturesUnordered::new();
-        let mut tick = tokio::time::interval(Duration::from_millis(250));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tick = interval(Duration::from_millis(250));
         // As librdkafka's auto-commit did: every commit a group coordinator refuses while it
         // rebalances (tansu answers UNKNOWN_MEMBER_ID then) makes librdkafka drop its member id
         // and rejoin as a new member, so commits are not made more often than this.
-        let mut commit_tick = tokio::time::interval(COMMIT_EVERY);
-        commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut check = tokio::time::interval(self.idle_check);
-        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut lookups_state = Lookups::default();
-        let mut stopping = false;
-
+        let mut commit_tick = interval(COMMIT_EVERY);
+        let mut check = interval(self.idle_check);
         let start = |adm: Admitted, (cancel, retrying): (CancellationToken, Arc<AtomicUsize>)| async move {
             let outcome = pipeline
                 .process_in(handler, &adm.msg, &cancel, &retrying)
@@ -1138,109 +1247,26 @@ impl Dispatcher {
             (adm, outcome)
         };
 
-        loop {
-            if stopping && running.is_empty() {
-                break;
-            }
+        while !(run.stopping && running.is_empty()) {
+            let stopping = run.stopping;
             tokio::select! {
-                _ = stop.cancelled(), if !stopping => {
-                    stopping = true;
-                    book.close();
-                    for waiting in slots.values_mut() {
-                        waiting.clear();
-                    }
-                    while records.try_recv().is_ok() {}
-                }
+                _ = stop.cancelled(), if !stopping => run.stop(&mut records),
                 Some((adm, outcome)) = next_finished(&mut running), if !running.is_empty() => {
-                    if matches!(outcome, Outcome::Finished) {
-                        stats.finished.fetch_add(1, Ordering::Relaxed);
-                        let tp = adm.partition();
-                        let moved = book.part(&adm).and_then(|part| part.offsets.finish(adm.msg.offset()));
-                        if let Some(position) = moved {
-                            if let Some(h) = book.held.get_mut(&tp) {
-                                h.position = Some(position);
-                            }
-                            self.dirty.lock().unwrap_or_else(|e| e.into_inner()).insert(tp, position);
-                        }
-                    }
-                    if let Some(slot) = adm.slot() {
-                        let waiting = slots.get_mut(&slot);
-                        let next = waiting.and_then(|w| loop {
-                            match w.pop_front() {
-                                Some(n) if book.part(&n).is_some() => break Some(n),
-                                Some(_) => continue, // of a partition no longer fetched: dropped
-                                None => break None,
-                            }
-                        });
-                        match next {
-                            Some(n) if !stopping => {
-                                let handles = handles(&book, &n);
-                                running.push(start(n, handles));
-                            }
-                            _ => {
-                                slots.remove(&slot);
-                            }
-                        }
+                    if let Some(next) = run.finished(adm, outcome) {
+                        let handles = handles(&run.book, &next);
+                        running.push(start(next, handles));
                     }
                 }
-                Some(change) = changes.recv() => {
-                    match change {
-                        Change::Owned(list) => {
-                            book.own(list);
-                            lookups_state.kick(self, &book, &lookups_tx);
-                        }
-                        Change::Disowned(list) => {
-                            book.disown(list);
-                            for waiting in slots.values_mut() {
-                                waiting.retain(|a| book.part(a).is_some());
-                            }
-                        }
-                    }
-                }
-                Some(lookup) = lookups.recv() => {
-                    match lookup {
-                        Lookup::Positions(known) => {
-                            lookups_state.positions = false;
-                            book.positions(known);
-                            // Whether they have records is the next question.
-                            lookups_state.ends_wanted = true;
-                        }
-                        Lookup::Ends(ends) => {
-                            lookups_state.ends = false;
-                            book.ends(ends);
-                            if !stopping {
-                                book.activate();
-                            }
-                        }
-                        Lookup::Failed(what, e) => {
-                            match what {
-                                "positions" => lookups_state.positions = false,
-                                _ => lookups_state.ends = false,
-                            }
-                            tracing::debug!(error = %e, "{what} not read");
-                        }
-                    }
-                    if !stopping {
-                        lookups_state.kick(self, &book, &lookups_tx);
-                    }
-                }
+                Some(change) = changes.recv() => run.change(change),
+                Some(lookup) = lookups.recv() => run.lookup(lookup),
                 hint = next_hint(&mut hints), if hints.is_some() && !stopping => match hint {
-                    Ok(topic) => {
-                        if book.hint(&topic) {
-                            book.activate();
-                        }
-                    }
+                    Ok(topic) => run.book.wake(&topic),
                     Err(broadcast::error::RecvError::Lagged(_)) => {}
                     Err(broadcast::error::RecvError::Closed) => hints = None,
                 },
                 Some(adm) = records.recv(), if !stopping => {
-                    let Some(part) = book.part(&adm) else {
-                        continue; // of a partition no longer fetched
-                    };
-                    part.last_record = Instant::now();
-                    part.offsets.seen(adm.msg.offset(), adm.msg.timestamp().to_millis());
-                    if let Some(adm) = queue_or_start(adm, &mut slots) {
-                        let handles = handles(&book, &adm);
+                    if let Some(adm) = run.record(adm) {
+                        let handles = handles(&run.book, &adm);
                         running.push(start(adm, handles));
                     }
                 }
@@ -1251,21 +1277,32 @@ impl Dispatcher {
                     }
                 }
                 _ = check.tick(), if !stopping => {
-                    lookups_state.ends_wanted = true;
-                    lookups_state.kick(self, &book, &lookups_tx);
+                    run.lookups.ends_wanted = true;
+                    run.kick();
                 }
                 _ = commit_tick.tick() => commit_in_background(&self.member),
                 // Also makes the loop poll the member's queue at least four times a second.
                 _ = tick.tick() => {
                     if !stopping {
-                        book.park();
-                        book.activate();
+                        run.book.park();
+                        run.book.activate();
                     }
-                    refresh(stats, &book.held);
+                    refresh(stats, &run.book.held);
                 }
             }
         }
-        refresh(stats, &book.held);
+        refresh(stats, &run.book.held);
+        self.commit_all();
+        run.book.close();
+        drop(run);
+        *self.changes.lock().unwrap_or_else(|e| e.into_inner()) = Some(changes);
+        Ok(())
+    }
+}
+
+impl Dispatcher {
+    /// Commits every position finished and not committed yet, and waits for the answer.
+    fn commit_all(&self) {
         let all: Vec<(String, i32)> = self
             .dirty
             .lock()
@@ -1274,10 +1311,134 @@ impl Dispatcher {
             .cloned()
             .collect();
         self.member.context().commit(&*self.member, Some(&all));
-        book.close();
-        drop(book);
-        *self.changes.lock().unwrap_or_else(|e| e.into_inner()) = Some(changes);
-        Ok(())
+    }
+}
+
+/// A timer whose missed ticks are not made up for.
+fn interval(every: Duration) -> tokio::time::Interval {
+    let mut interval = tokio::time::interval(every);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    interval
+}
+
+/// What one [`Dispatcher::run`] holds besides its timers and running attempts.
+struct Run<'a> {
+    book: Book<'a>,
+    /// Slots with a running record, each with the records waiting behind it.
+    slots: HashMap<Slot, VecDeque<Admitted>>,
+    lookups: Lookups,
+    lookups_tx: mpsc::UnboundedSender<Lookup>,
+    stopping: bool,
+}
+
+impl Run<'_> {
+    /// Stops fetching; waiting records are dropped (handled again after a restart).
+    fn stop(&mut self, records: &mut mpsc::UnboundedReceiver<Admitted>) {
+        self.stopping = true;
+        self.book.close();
+        for waiting in self.slots.values_mut() {
+            waiting.clear();
+        }
+        while records.try_recv().is_ok() {}
+    }
+
+    /// Takes an attempt's outcome: a finished record moves its partition's position. Returns
+    /// the record of its slot to start next.
+    fn finished(&mut self, adm: Admitted, outcome: Outcome) -> Option<Admitted> {
+        if matches!(outcome, Outcome::Finished) {
+            self.book.stats.finished.fetch_add(1, Ordering::Relaxed);
+            let tp = adm.partition();
+            let moved = self
+                .book
+                .part(&adm)
+                .and_then(|part| part.offsets.finish(adm.msg.offset()));
+            if let Some(position) = moved {
+                if let Some(h) = self.book.held.get_mut(&tp) {
+                    h.position = Some(position);
+                }
+                let dirty = &self.book.dispatcher.dirty;
+                dirty
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(tp, position);
+            }
+        }
+        let slot = adm.slot()?;
+        let book = &mut self.book;
+        let next = self.slots.get_mut(&slot).and_then(|w| loop {
+            match w.pop_front() {
+                Some(n) if book.part(&n).is_some() => break Some(n),
+                Some(_) => continue, // of a partition no longer fetched: dropped
+                None => break None,
+            }
+        });
+        match next {
+            Some(n) if !self.stopping => Some(n),
+            _ => {
+                self.slots.remove(&slot);
+                None
+            }
+        }
+    }
+
+    /// The group gave or took partitions.
+    fn change(&mut self, change: Change) {
+        match change {
+            Change::Owned(list) => {
+                self.book.own(list);
+                self.kick();
+            }
+            Change::Disowned(list) => {
+                self.book.disown(list);
+                let book = &mut self.book;
+                for waiting in self.slots.values_mut() {
+                    waiting.retain(|a| book.part(a).is_some());
+                }
+            }
+        }
+    }
+
+    /// An offset lookup answered.
+    fn lookup(&mut self, lookup: Lookup) {
+        match lookup {
+            Lookup::Positions(known) => {
+                self.lookups.positions = false;
+                self.book.positions(known);
+                // Whether they have records is the next question.
+                self.lookups.ends_wanted = true;
+            }
+            Lookup::Ends(ends) => {
+                self.lookups.ends = false;
+                self.book.ends(ends);
+                if !self.stopping {
+                    self.book.activate();
+                }
+            }
+            Lookup::Failed(what, e) => {
+                match what {
+                    "positions" => self.lookups.positions = false,
+                    _ => self.lookups.ends = false,
+                }
+                tracing::debug!(error = %e, "{what} not read");
+            }
+        }
+        if !self.stopping {
+            self.kick();
+        }
+    }
+
+    /// A record fetched: returns it when it may start now (its slot is free).
+    fn record(&mut self, adm: Admitted) -> Option<Admitted> {
+        let part = self.book.part(&adm)?; // None: of a partition no longer fetched
+        part.last_record = Instant::now();
+        part.offsets
+            .seen(adm.msg.offset(), adm.msg.timestamp().to_millis());
+        queue_or_start(adm, &mut self.slots)
+    }
+
+    fn kick(&mut self) {
+        self.lookups
+            .kick(self.book.dispatcher, &self.book, &self.lookups_tx);
     }
 }
 
