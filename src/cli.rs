@@ -197,22 +197,7 @@ pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
             tenant,
             module_id,
             rest,
-        } => {
-            let tenant = parse_tenant(&tenant)?;
-            ModuleId::parse(&module_id).map_err(|e| anyhow!("--module-id {module_id:?}: {e}"))?;
-            let descriptor = MessagingDescriptor::from_file(&descriptor)?;
-            let registrar = Registrar::new(&rest.okapi_url, tenant.as_str(), rest.token);
-            if registrar.register(&module_id, &descriptor).await? {
-                println!(
-                    "registered {module_id} for {tenant}: {} publication(s), {} subscription(s)",
-                    descriptor.publications.len(),
-                    descriptor.subscriptions.len()
-                );
-            } else {
-                println!("nothing to register: the descriptor is empty");
-            }
-            Ok(())
-        }
+        } => register(&parse_tenant(&tenant)?, &module_id, &descriptor, rest).await,
         ClientCommand::Publish {
             tenant,
             event_type,
@@ -226,42 +211,13 @@ pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
         } => {
             let tenant = parse_tenant(&tenant)?;
             EventType::parse(&event_type).map_err(|e| anyhow!("--event-type: {e}"))?;
-            let payload = match (payload, payload_file) {
-                (Some(p), _) => p,
-                (None, Some(f)) => std::fs::read_to_string(&f)
-                    .with_context(|| format!("--payload-file {}", f.display()))?,
-                (None, None) => {
-                    use std::io::IsTerminal;
-                    if std::io::stdin().is_terminal() {
-                        bail!("no payload: give --payload or --payload-file, or pipe it to stdin");
-                    }
-                    let mut s = String::new();
-                    std::io::stdin()
-                        .read_to_string(&mut s)
-                        .context("reading the payload from stdin")?;
-                    s
-                }
-            };
+            let payload = read_payload(payload, payload_file)?;
             let id = if via_http {
                 publish_http(&rest, &tenant, &event_type, &published_by, &payload, key).await?
             } else {
-                let (env, kafka) = kafka.settings()?;
-                let publisher = DirectPublisher::with_topics(
-                    client_config(&kafka),
-                    Topics::new(&env, &kafka),
-                    tenant.as_str(),
-                )?;
                 let mut event = OutgoingEvent::new(&event_type, &published_by, payload);
                 event.key = key;
-                publisher.send(&event).await.map_err(|e| {
-                    let timeout = e.is_timeout();
-                    let e = anyhow!(e);
-                    if timeout {
-                        e.context("not acknowledged in time: is Kafka reachable, and does the topic exist? (it is created when a publisher or subscriber of the event type is registered: mod-pubsub register)")
-                    } else {
-                        e
-                    }
-                })?
+                publish_kafka(&kafka, &tenant, &event).await?
             };
             println!("{id}");
             Ok(())
@@ -283,31 +239,106 @@ pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
             rest,
         } => {
             let tenant = parse_tenant(&tenant)?;
-            let (path, body) = if dead_letters {
-                let mut body = json!({});
-                if let Some(m) = &module_id {
-                    body["subscriber"] = json!(m);
-                }
-                if !event_ids.is_empty() {
-                    body["eventIds"] = json!(event_ids);
-                }
-                ("/pubsub/dead-letters/redeliver".to_owned(), body)
-            } else {
-                let module = module_id.expect("required by clap");
-                let since = since.expect("required by clap");
-                if mod_pubsub::event::parse_date_time(&since).is_none() {
-                    bail!("--since {since:?}: must be an ISO-8601 date-time with an offset, e.g. 2026-11-26T08:00:00Z");
-                }
-                (
-                    format!("/pubsub/subscribers/{module}/replay"),
-                    json!({"fromDate": since}),
-                )
+            let (path, body) = match dead_letters {
+                true => redeliver_request(module_id.as_deref(), &event_ids),
+                false => replay_request(
+                    &module_id.expect("required by clap"),
+                    &since.expect("required by clap"),
+                )?,
             };
             let answer = rest_post(&rest, &tenant, &path, &body, &[]).await?;
             println!("{answer}");
             Ok(())
         }
     }
+}
+
+async fn register(
+    tenant: &TenantId,
+    module_id: &str,
+    descriptor: &std::path::Path,
+    rest: Rest,
+) -> anyhow::Result<()> {
+    ModuleId::parse(module_id).map_err(|e| anyhow!("--module-id {module_id:?}: {e}"))?;
+    let descriptor = MessagingDescriptor::from_file(descriptor)?;
+    let registrar = Registrar::new(&rest.okapi_url, tenant.as_str(), rest.token);
+    if registrar.register(module_id, &descriptor).await? {
+        println!(
+            "registered {module_id} for {tenant}: {} publication(s), {} subscription(s)",
+            descriptor.publications.len(),
+            descriptor.subscriptions.len()
+        );
+    } else {
+        println!("nothing to register: the descriptor is empty");
+    }
+    Ok(())
+}
+
+/// `--payload`, else the file `--payload-file`, else standard input (unless it is a terminal).
+fn read_payload(payload: Option<String>, file: Option<PathBuf>) -> anyhow::Result<String> {
+    use std::io::IsTerminal;
+    match (payload, file) {
+        (Some(p), _) => Ok(p),
+        (None, Some(f)) => {
+            std::fs::read_to_string(&f).with_context(|| format!("--payload-file {}", f.display()))
+        }
+        (None, None) if std::io::stdin().is_terminal() => {
+            bail!("no payload: give --payload or --payload-file, or pipe it to stdin")
+        }
+        (None, None) => {
+            let mut s = String::new();
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .context("reading the payload from stdin")?;
+            Ok(s)
+        }
+    }
+}
+
+/// Publishes straight to Kafka; the event's id once the broker acknowledged it.
+async fn publish_kafka(
+    kafka: &KafkaArgs,
+    tenant: &TenantId,
+    event: &OutgoingEvent,
+) -> anyhow::Result<String> {
+    let (env, kafka) = kafka.settings()?;
+    let publisher = DirectPublisher::with_topics(
+        client_config(&kafka),
+        Topics::new(&env, &kafka),
+        tenant.as_str(),
+    )?;
+    publisher.send(event).await.map_err(|e| {
+        let timeout = e.is_timeout();
+        let e = anyhow!(e);
+        if timeout {
+            e.context("not acknowledged in time: is Kafka reachable, and does the topic exist? (it is created when a publisher or subscriber of the event type is registered: mod-pubsub register)")
+        } else {
+            e
+        }
+    })
+}
+
+/// The dead-letter redelivery request: of one subscriber, of some events, or all.
+fn redeliver_request(module_id: Option<&str>, event_ids: &[String]) -> (String, Value) {
+    let mut body = json!({});
+    if let Some(m) = module_id {
+        body["subscriber"] = json!(m);
+    }
+    if !event_ids.is_empty() {
+        body["eventIds"] = json!(event_ids);
+    }
+    ("/pubsub/dead-letters/redeliver".to_owned(), body)
+}
+
+/// The replay request of a module since a time.
+fn replay_request(module: &str, since: &str) -> anyhow::Result<(String, Value)> {
+    if mod_pubsub::event::parse_date_time(since).is_none() {
+        bail!("--since {since:?}: must be an ISO-8601 date-time with an offset, e.g. 2026-11-26T08:00:00Z");
+    }
+    Ok((
+        format!("/pubsub/subscribers/{module}/replay"),
+        json!({"fromDate": since}),
+    ))
 }
 
 fn parse_tenant(raw: &str) -> anyhow::Result<TenantId> {
@@ -376,6 +407,29 @@ async fn publish_http(
     Ok(id)
 }
 
+/// One record as `tail` prints it: a JSON line with the tenant, where it is, its headers and
+/// the event (the value as text if it is not JSON).
+fn tail_line<M: Message>(msg: &M) -> Value {
+    let headers = record_headers(msg);
+    let value = msg.payload().unwrap_or_default();
+    let event: Value = serde_json::from_slice(value)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(value).into_owned()));
+    let tenant = headers.get("folio.tenantId").cloned().or_else(|| {
+        event["eventMetadata"]["tenantId"]
+            .as_str()
+            .map(str::to_owned)
+    });
+    json!({
+        "tenant": tenant,
+        "topic": msg.topic(),
+        "partition": msg.partition(),
+        "offset": msg.offset(),
+        "key": msg.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+        "headers": headers,
+        "event": event,
+    })
+}
+
 async fn tail(
     tenant: Option<String>,
     event_types: Vec<String>,
@@ -428,27 +482,7 @@ async fn tail(
             }
             Err(e) => return Err(anyhow!("Kafka: {e}")),
         };
-        let headers = record_headers(&msg);
-        let value = msg.payload().unwrap_or_default();
-        let event: Value = serde_json::from_slice(value)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(value).into_owned()));
-        let tenant = headers.get("folio.tenantId").cloned().or_else(|| {
-            event["eventMetadata"]["tenantId"]
-                .as_str()
-                .map(str::to_owned)
-        });
-        println!(
-            "{}",
-            json!({
-                "tenant": tenant,
-                "topic": msg.topic(),
-                "partition": msg.partition(),
-                "offset": msg.offset(),
-                "key": msg.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-                "headers": headers,
-                "event": event,
-            })
-        );
+        println!("{}", tail_line(&msg));
         seen += 1;
         if count.is_some_and(|c| seen >= c) {
             return Ok(());

@@ -294,17 +294,13 @@ impl Engine {
         )
     }
 
-    async fn worker(
-        self: Arc<Self>,
-        module: String,
-        mut topics: watch::Receiver<BTreeSet<String>>,
-        stop: CancellationToken,
-    ) {
+    /// The consumer core of one subscriber module.
+    fn dispatcher(&self, module: &str) -> Result<Dispatcher, crate::client::ClientError> {
         let delivery = &self.config.delivery;
-        let dispatcher = match Dispatcher::new(
+        Dispatcher::new(
             crate::kafka::client_config(&self.config.kafka),
             &DispatcherOptions {
-                group: self.group(&module),
+                group: self.group(module),
                 max_in_flight: delivery.max_in_flight,
                 fetch_wait: delivery.fetch_wait,
                 session_timeout: delivery.session_timeout,
@@ -312,25 +308,24 @@ impl Engine {
                 max_active: delivery.max_active_partitions,
                 idle_check: delivery.idle_check,
             },
-        ) {
+        )
+    }
+
+    async fn worker(
+        self: Arc<Self>,
+        module: String,
+        mut topics: watch::Receiver<BTreeSet<String>>,
+        stop: CancellationToken,
+    ) {
+        let delivery = &self.config.delivery;
+        let dispatcher = match self.dispatcher(&module) {
             Ok(d) => d,
             Err(e) => {
                 tracing::error!(%module, error = %e, "cannot create the delivery consumer");
                 return;
             }
         };
-        let subscribe = |set: &BTreeSet<String>| {
-            let names: Vec<&str> = set.iter().map(String::as_str).collect();
-            match dispatcher.subscribe(&names) {
-                Ok(()) => tracing::info!(
-                    %module,
-                    topics = names.len(),
-                    first = ?names.iter().take(3).collect::<Vec<_>>(),
-                    "delivery consumer subscribed"
-                ),
-                Err(e) => tracing::error!(%module, error = %e, "subscribe failed"),
-            }
-        };
+        let subscribe = |set: &BTreeSet<String>| subscribe(&dispatcher, &module, set);
         subscribe(&topics.borrow_and_update());
         dispatcher.hints(self.published.subscribe());
         let stats = Arc::new(Stats::default());
@@ -362,10 +357,7 @@ impl Engine {
                 }
                 _ = gauges.tick() => {
                     self.metrics.module_gauges(&labels, &stats);
-                    self.metrics
-                        .consumer_lag
-                        .get_or_create(&group)
-                        .set(stats.lag.load(std::sync::atomic::Ordering::Relaxed));
+                    self.metrics.consumer_lag.get_or_create(&group).set(stats.lag.load(Ordering::Relaxed));
                 }
                 changed = topics.changed() => {
                     if changed.is_ok() {
@@ -390,13 +382,7 @@ impl Engine {
         headers: &HashMap<String, String>,
         attempt: i32,
     ) -> Result<(), Failure> {
-        // Java modules write okapi-common's spelling (`X-Okapi-Request-Id`) as often as the
-        // lower-case one; folio-kafka-wrapper matches these names case-insensitively too.
-        let request_id = headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case("x-okapi-request-id"))
-            .map(|(_, v)| v.clone())
-            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let request_id = request_id(headers);
         let body = event
             .event_payload
             .clone()
@@ -447,22 +433,51 @@ impl Engine {
         };
         match sent {
             Ok(r) if r.status().is_success() => Ok(()),
-            Ok(r) => {
-                let status = r.status();
-                let retry_after = matches!(status.as_u16(), 429 | 503)
-                    .then(|| retry_after(r.headers().get("retry-after")?.to_str().ok()?))
-                    .flatten();
-                Err(Failure {
-                    message: format!(
-                        "Error delivering {} event with id '{}' to {}, response status code is {}",
-                        event.event_type, event.id.0, sub.callback, status
-                    ),
-                    retry_after,
-                    status: Some(status.as_u16()),
-                })
-            }
+            Ok(r) => Err(refused(&r, event, sub)),
             Err(e) => Err(not_delivered(&e)),
         }
+    }
+}
+
+/// The request id a callback carries: the event's (Java modules write okapi-common's spelling,
+/// `X-Okapi-Request-Id`, as often as the lower-case one; folio-kafka-wrapper matches these names
+/// case-insensitively too), or a new one.
+fn request_id(headers: &HashMap<String, String>) -> String {
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("x-okapi-request-id"))
+        .map(|(_, v)| v.clone())
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+/// Subscribes a module's consumer core to `set`, logging what came of it.
+fn subscribe(dispatcher: &Dispatcher, module: &str, set: &BTreeSet<String>) {
+    let names: Vec<&str> = set.iter().map(String::as_str).collect();
+    match dispatcher.subscribe(&names) {
+        Ok(()) => tracing::info!(
+            %module,
+            topics = names.len(),
+            first = ?names.iter().take(3).collect::<Vec<_>>(),
+            "delivery consumer subscribed"
+        ),
+        Err(e) => tracing::error!(%module, error = %e, "subscribe failed"),
+    }
+}
+
+/// What a callback's answer other than 2xx says: its status, and a `Retry-After` of a 429 or
+/// 503.
+fn refused(r: &reqwest::Response, event: &Event, sub: &Subscriber) -> Failure {
+    let status = r.status();
+    let retry_after = matches!(status.as_u16(), 429 | 503)
+        .then(|| retry_after(r.headers().get("retry-after")?.to_str().ok()?))
+        .flatten();
+    Failure {
+        message: format!(
+            "Error delivering {} event with id '{}' to {}, response status code is {}",
+            event.event_type, event.id.0, sub.callback, status
+        ),
+        retry_after,
+        status: Some(status.as_u16()),
     }
 }
 
@@ -533,16 +548,7 @@ impl ModuleHandler<'_> {
                 tracing::debug!(%tenant, subscriber = %sub.module_id, event_id = %event.id.0, attempt,
                     offset = received.offset, "delivered");
                 engine.metrics.delivered.get_or_create(&labels).inc();
-                if let Some(published) = event
-                    .event_metadata
-                    .published_date
-                    .as_deref()
-                    .and_then(crate::event::parse_date_time)
-                {
-                    let seconds = (Utc::now() - published.with_timezone(&Utc))
-                        .num_milliseconds()
-                        .max(0) as f64
-                        / 1000.0;
+                if let Some(seconds) = since_published(event) {
                     engine
                         .metrics
                         .delivery_latency
@@ -569,6 +575,13 @@ impl ModuleHandler<'_> {
             }
         }
     }
+}
+
+/// Seconds from the event's `publishedDate` until now.
+fn since_published(event: &Event) -> Option<f64> {
+    let published = crate::event::parse_date_time(event.event_metadata.published_date.as_deref()?)?;
+    let millis = (Utc::now() - published.with_timezone(&Utc)).num_milliseconds();
+    Some(millis.max(0) as f64 / 1000.0)
 }
 
 impl Handler for ModuleHandler<'_> {

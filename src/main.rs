@@ -85,41 +85,43 @@ fn init_tracing() {
 
 fn main() -> ExitCode {
     mod_pubsub::memory::limit_arenas();
-    let cli = Cli::parse();
-    if let Command::Openapi = cli.command {
-        println!(
-            "{}",
-            mod_pubsub::http::openapi()
-                .to_pretty_json()
-                .expect("OpenAPI serialises")
-        );
-        return ExitCode::SUCCESS;
-    }
-    if let Command::Descriptors { out, image } = &cli.command {
-        let image = image
-            .clone()
-            .unwrap_or_else(mod_pubsub::descriptors::default_image);
-        return match write_descriptors(out, &image) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!(
-                    "mod-pubsub: cannot write the descriptors to {}: {e}",
-                    out.display()
-                );
-                ExitCode::FAILURE
+    match Cli::parse().command {
+        Command::Openapi => {
+            println!(
+                "{}",
+                mod_pubsub::http::openapi()
+                    .to_pretty_json()
+                    .expect("OpenAPI serialises")
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Descriptors { out, image } => {
+            let image = image.unwrap_or_else(mod_pubsub::descriptors::default_image);
+            match write_descriptors(&out, &image) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    let out = out.display();
+                    eprintln!("mod-pubsub: cannot write the descriptors to {out}: {e}");
+                    ExitCode::FAILURE
+                }
             }
-        };
-    }
-    if let Command::Client(command) = cli.command {
-        let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-        return match runtime.block_on(cli::run(*command)) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("mod-pubsub: {e:#}");
-                ExitCode::FAILURE
+        }
+        Command::Client(command) => {
+            let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+            match runtime.block_on(cli::run(*command)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("mod-pubsub: {e:#}");
+                    ExitCode::FAILURE
+                }
             }
-        };
+        }
+        command => service_command(command),
     }
+}
+
+/// The commands that need the service's configuration: `serve`, `migrate`, `prepare-rollback`.
+fn service_command(command: Command) -> ExitCode {
     init_tracing();
     let mut config = match Config::from_env() {
         Ok(c) => c,
@@ -130,7 +132,7 @@ fn main() -> ExitCode {
     };
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     let result = runtime.block_on(async move {
-        match cli.command {
+        match command {
             Command::Serve { port } => {
                 if let Some(p) = port {
                     config.http_port = p;
@@ -140,7 +142,7 @@ fn main() -> ExitCode {
             Command::Migrate { tenants } => migrate(config, tenants).await,
             Command::PrepareRollback => prepare_rollback(config).await,
             Command::Openapi | Command::Descriptors { .. } | Command::Client(_) => {
-                unreachable!()
+                unreachable!("handled by main")
             }
         }
     });

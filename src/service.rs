@@ -130,18 +130,31 @@ struct Running {
 }
 
 /// Migrates, connects, and starts the background work; returns what the HTTP layer serves.
-async fn start(config: Config) -> anyhow::Result<(http::AppState, Running)> {
+/// The database (module schema migrated, tenant schemas upgraded), the Kafka clients and the
+/// registry cache.
+async fn open_stores(
+    config: &Config,
+) -> anyhow::Result<(
+    sqlx::PgPool,
+    Arc<kafka::Kafka>,
+    registry_cache::RegistryCache,
+)> {
     db::migrate_module(&config.db, DB_STARTUP_PATIENCE).await?;
     let pool = db::pool(&config.db);
     upgrade_tenant_schemas(&config.db, &pool).await;
     let kafka = Arc::new(
-        kafka::Kafka::new(&config)
+        kafka::Kafka::new(config)
             .map_err(|e| anyhow::anyhow!("Kafka client configuration: {e}"))?,
     );
     let registry = registry_cache::RegistryCache::default();
     if let Err(e) = registry.reload_all(&pool).await {
         tracing::warn!(error = %e, "could not load the registry yet; it follows the database");
     }
+    Ok((pool, kafka, registry))
+}
+
+async fn start(config: Config) -> anyhow::Result<(http::AppState, Running)> {
+    let (pool, kafka, registry) = open_stores(&config).await?;
 
     // Background work stops with `background`; the audit writer stops last, after HTTP.
     let background = CancellationToken::new();

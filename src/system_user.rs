@@ -132,8 +132,7 @@ async fn ensure_user(
     okapi: &OkapiCall<'_>,
     cfg: &SystemUserConfig,
 ) -> Result<String, ProvisionError> {
-    let name = &cfg.name;
-    let query = format!("username==\"{}\"", cql_escape(name));
+    let query = format!("username==\"{}\"", cql_escape(&cfg.name));
     let url = format!("/users?query={}", utf8_percent(&query));
     let (status, body) = okapi
         .send(okapi.request(reqwest::Method::GET, &url))
@@ -142,67 +141,81 @@ async fn ensure_user(
         .then(|| serde_json::from_str::<Value>(&body).ok())
         .flatten()
         .and_then(|v| v["users"].as_array().and_then(|u| u.first().cloned()));
+    match existing {
+        Some(user) => repair_user(okapi, &cfg.name, user).await,
+        None => create_user(okapi, cfg).await,
+    }
+}
 
-    Ok(match existing {
-        Some(mut user) => {
-            let id = user["id"].as_str().unwrap_or_default().to_owned();
-            let blank_last_name = user["personal"]["lastName"]
-                .as_str()
-                .is_none_or(|s| s.trim().is_empty());
-            let inactive = user["active"] != Value::Bool(true);
-            let not_system = user["type"] != "system";
-            if blank_last_name || inactive || not_system {
-                if blank_last_name {
-                    user["personal"] = json!({"lastName": "System"});
-                }
-                user["active"] = json!(true);
-                user["type"] = json!("system");
-                let (status, body) = okapi
-                    .send(
-                        okapi
-                            .request(reqwest::Method::PUT, &format!("/users/{id}"))
-                            .json(&user),
-                    )
-                    .await?;
-                if status != StatusCode::NO_CONTENT {
-                    return Err(ProvisionError::UpdateUser {
-                        user: name.clone(),
-                        body,
-                    });
-                }
-            }
-            id
-        }
-        None => {
-            let id = uuid::Uuid::new_v4().to_string();
-            let user = json!({"id": id, "username": name, "active": true, "type": "system", "personal": {"lastName": "System"}});
-            let (status, _) = okapi
-                .send(okapi.request(reqwest::Method::POST, "/users").json(&user))
-                .await?;
-            if status != StatusCode::CREATED {
-                return Err(ProvisionError::CreateUser {
-                    user: name.clone(),
-                    status: status.as_u16(),
-                });
-            }
-            let credentials =
-                json!({"username": name, "password": cfg.password.expose_secret(), "userId": id});
-            let (status, _) = okapi
-                .send(
-                    okapi
-                        .request(reqwest::Method::POST, "/authn/credentials")
-                        .json(&credentials),
-                )
-                .await?;
-            if status != StatusCode::CREATED {
-                return Err(ProvisionError::SaveCredentials {
-                    user: name.clone(),
-                    status: status.as_u16(),
-                });
-            }
-            id
-        }
-    })
+/// Makes an existing user active, `type: system` and gives it a last name, where it lacks any.
+async fn repair_user(
+    okapi: &OkapiCall<'_>,
+    name: &str,
+    mut user: Value,
+) -> Result<String, ProvisionError> {
+    let id = user["id"].as_str().unwrap_or_default().to_owned();
+    let blank_last_name = user["personal"]["lastName"]
+        .as_str()
+        .is_none_or(|s| s.trim().is_empty());
+    let inactive = user["active"] != Value::Bool(true);
+    let not_system = user["type"] != "system";
+    if !(blank_last_name || inactive || not_system) {
+        return Ok(id);
+    }
+    if blank_last_name {
+        user["personal"] = json!({"lastName": "System"});
+    }
+    user["active"] = json!(true);
+    user["type"] = json!("system");
+    let (status, body) = okapi
+        .send(
+            okapi
+                .request(reqwest::Method::PUT, &format!("/users/{id}"))
+                .json(&user),
+        )
+        .await?;
+    if status != StatusCode::NO_CONTENT {
+        return Err(ProvisionError::UpdateUser {
+            user: name.to_owned(),
+            body,
+        });
+    }
+    Ok(id)
+}
+
+/// A new system user with its credentials.
+async fn create_user(
+    okapi: &OkapiCall<'_>,
+    cfg: &SystemUserConfig,
+) -> Result<String, ProvisionError> {
+    let name = &cfg.name;
+    let id = uuid::Uuid::new_v4().to_string();
+    let user = json!({"id": id, "username": name, "active": true, "type": "system", "personal": {"lastName": "System"}});
+    let (status, _) = okapi
+        .send(okapi.request(reqwest::Method::POST, "/users").json(&user))
+        .await?;
+    if status != StatusCode::CREATED {
+        return Err(ProvisionError::CreateUser {
+            user: name.clone(),
+            status: status.as_u16(),
+        });
+    }
+    let credentials =
+        json!({"username": name, "password": cfg.password.expose_secret(), "userId": id});
+    let (status, _) = okapi
+        .send(
+            okapi
+                .request(reqwest::Method::POST, "/authn/credentials")
+                .json(&credentials),
+        )
+        .await?;
+    if status != StatusCode::CREATED {
+        return Err(ProvisionError::SaveCredentials {
+            user: name.clone(),
+            status: status.as_u16(),
+        });
+    }
+    Ok(id)
 }
 
 /// The system user's permissions: PERMISSIONS added to what it has (none removed).
@@ -211,8 +224,6 @@ async fn ensure_permissions(
     name: &str,
     user_id: &str,
 ) -> Result<(), ProvisionError> {
-    let wanted: Vec<&str> = PERMISSIONS.to_vec();
-    let list = wanted.join(", ");
     let (status, body) = okapi
         .send(okapi.request(
             reqwest::Method::GET,
@@ -221,66 +232,81 @@ async fn ensure_permissions(
         .await?;
     match status {
         StatusCode::OK => {
-            let mut perm_user: Value = serde_json::from_str(&body).map_err(|source| {
+            let perm_user: Value = serde_json::from_str(&body).map_err(|source| {
                 ProvisionError::UnreadablePermissions {
                     user: name.to_owned(),
                     source,
                 }
             })?;
-            let have: BTreeSet<&str> = perm_user["permissions"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_str)
-                .collect();
-            if wanted.iter().all(|p| have.contains(p)) {
-                return Ok(());
-            }
-            let mut merged: BTreeSet<String> = have.iter().map(|s| s.to_string()).collect();
-            merged.extend(wanted.iter().map(|s| s.to_string()));
-            perm_user["permissions"] = json!(merged);
-            let id = perm_user["id"].as_str().unwrap_or_default().to_owned();
-            let (status, body) = okapi
-                .send(
-                    okapi
-                        .request(reqwest::Method::PUT, &format!("/perms/users/{id}"))
-                        .json(&perm_user),
-                )
-                .await?;
-            if status != StatusCode::OK {
-                return Err(ProvisionError::UpdatePermissions {
-                    permissions: list,
-                    user: name.to_owned(),
-                    status: status.as_u16(),
-                    body,
-                });
-            }
+            merge_permissions(okapi, name, perm_user).await
         }
-        StatusCode::NOT_FOUND => {
-            let perm_user = json!({"id": uuid::Uuid::new_v4().to_string(), "userId": user_id, "permissions": wanted});
-            let (status, body) = okapi
-                .send(
-                    okapi
-                        .request(reqwest::Method::POST, "/perms/users")
-                        .json(&perm_user),
-                )
-                .await?;
-            if status != StatusCode::CREATED {
-                return Err(ProvisionError::AddPermissions {
-                    permissions: list,
-                    user: name.to_owned(),
-                    status: status.as_u16(),
-                    body,
-                });
-            }
-        }
-        other => {
-            return Err(ProvisionError::GetPermissions {
-                user: name.to_owned(),
-                status: other.as_u16(),
-                body,
-            })
-        }
+        StatusCode::NOT_FOUND => add_permissions(okapi, name, user_id).await,
+        other => Err(ProvisionError::GetPermissions {
+            user: name.to_owned(),
+            status: other.as_u16(),
+            body,
+        }),
+    }
+}
+
+/// Adds the PERMISSIONS it lacks to an existing permission user.
+async fn merge_permissions(
+    okapi: &OkapiCall<'_>,
+    name: &str,
+    mut perm_user: Value,
+) -> Result<(), ProvisionError> {
+    let have: BTreeSet<&str> = perm_user["permissions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    if PERMISSIONS.iter().all(|p| have.contains(p)) {
+        return Ok(());
+    }
+    let mut merged: BTreeSet<String> = have.iter().map(|s| s.to_string()).collect();
+    merged.extend(PERMISSIONS.iter().map(|s| s.to_string()));
+    perm_user["permissions"] = json!(merged);
+    let id = perm_user["id"].as_str().unwrap_or_default().to_owned();
+    let (status, body) = okapi
+        .send(
+            okapi
+                .request(reqwest::Method::PUT, &format!("/perms/users/{id}"))
+                .json(&perm_user),
+        )
+        .await?;
+    if status != StatusCode::OK {
+        return Err(ProvisionError::UpdatePermissions {
+            permissions: PERMISSIONS.join(", "),
+            user: name.to_owned(),
+            status: status.as_u16(),
+            body,
+        });
+    }
+    Ok(())
+}
+
+/// A new permission user with PERMISSIONS.
+async fn add_permissions(
+    okapi: &OkapiCall<'_>,
+    name: &str,
+    user_id: &str,
+) -> Result<(), ProvisionError> {
+    let perm_user = json!({"id": uuid::Uuid::new_v4().to_string(), "userId": user_id, "permissions": PERMISSIONS});
+    let (status, body) = okapi
+        .send(
+            okapi
+                .request(reqwest::Method::POST, "/perms/users")
+                .json(&perm_user),
+        )
+        .await?;
+    if status != StatusCode::CREATED {
+        return Err(ProvisionError::AddPermissions {
+            permissions: PERMISSIONS.join(", "),
+            user: name.to_owned(),
+            status: status.as_u16(),
+            body,
+        });
     }
     Ok(())
 }

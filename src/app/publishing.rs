@@ -11,6 +11,7 @@ use crate::audit::{AuditItem, AuditRecord, AuditState};
 use crate::domain::{EventType, FolioUuid, TenantId};
 use crate::event::{now_string, EventMetadata};
 use crate::kafka::producer::{OutgoingRecord, PublishError};
+use crate::kafka::TopicName;
 use crate::metrics::Metrics;
 use crate::registry_cache::PublisherCheck;
 
@@ -89,18 +90,7 @@ pub async fn publish(deps: &Deps<'_>, p: Publication<'_>) -> Result<(), PublishF
             reason: e.0,
         })?;
     let audit = Auditor::new(deps, tenant, &event);
-    audit.record(AuditState::Created, None).await;
-    if deps.config.audit.payload_enabled {
-        if let Some(content) = event.payload().filter(|p| !p.is_empty()) {
-            deps.audit
-                .record(AuditItem::Payload {
-                    tenant: tenant.clone(),
-                    event_id: event.id.0,
-                    content,
-                })
-                .await;
-        }
-    }
+    audit.created(deps, &event).await;
     if let Some(message) = rejection(deps, tenant, &event_type, &event.event_metadata) {
         audit
             .record(AuditState::Rejected, Some(message.clone()))
@@ -124,9 +114,21 @@ pub async fn publish(deps: &Deps<'_>, p: Publication<'_>) -> Result<(), PublishF
         value: &value,
         headers: record_headers,
     };
-
     let sent = send_recreating_topic(deps, &record).await;
+    settle(deps, &audit, &event, &event_type, &topic, sent).await
+}
+
+/// Audits and counts what came of the write, and answers for it.
+async fn settle(
+    deps: &Deps<'_>,
+    audit: &Auditor<'_>,
+    event: &PublishedEvent,
+    event_type: &EventType,
+    topic: &TopicName,
+    sent: Result<(i32, i64), PublishError>,
+) -> Result<(), PublishFailure> {
     let labels = Metrics::event(event_type.as_str());
+    let tenant = &audit.template.tenant;
     match sent {
         Ok((partition, offset)) => {
             tracing::debug!(%tenant, event_id = %event.id.0, %topic, partition, offset, "event published");
@@ -236,6 +238,22 @@ impl<'a> Auditor<'a> {
         Auditor {
             audit: deps.audit,
             template,
+        }
+    }
+
+    /// The CREATED row, and the payload when payload audit is on.
+    async fn created(&self, deps: &Deps<'_>, event: &PublishedEvent) {
+        self.record(AuditState::Created, None).await;
+        if deps.config.audit.payload_enabled {
+            if let Some(content) = event.payload().filter(|p| !p.is_empty()) {
+                self.audit
+                    .record(AuditItem::Payload {
+                        tenant: self.template.tenant.clone(),
+                        event_id: event.id.0,
+                        content,
+                    })
+                    .await;
+            }
         }
     }
 

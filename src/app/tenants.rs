@@ -102,7 +102,18 @@ pub async fn run_install_job(deps: &Deps<'_>, tenant: &TenantId, id: Uuid, okapi
             }
         }
     }
-    // The job row must be completed or Okapi polls forever: retry while the database is away.
+    finish_job(deps, tenant, id, error, messages).await;
+}
+
+/// Completes the job row: it must be completed or Okapi polls forever, so this retries while
+/// the database is away.
+async fn finish_job(
+    deps: &Deps<'_>,
+    tenant: &TenantId,
+    id: Uuid,
+    error: Option<String>,
+    messages: Vec<String>,
+) {
     let mut delay = Duration::from_millis(100);
     for attempt in 1..=20 {
         match db::jobs::finish(deps.pool, id, error.as_deref(), &messages).await {

@@ -229,15 +229,7 @@ impl DirectConsumer {
             return Err(ClientError::Invalid("no event types to consume".into()));
         }
         let naming = Topics::with_defaults(env);
-        let tenant = tenant
-            .map(|t| TenantId::parse(t).map_err(|e| ClientError::Invalid(e.0)))
-            .transpose()?;
-        let mut topics = Vec::new();
-        for t in event_types {
-            let e = EventType::parse(t)
-                .map_err(|e| ClientError::Invalid(format!("eventType: {}", e.0)))?;
-            topics.push(naming.subscription(tenant.as_ref(), &e));
-        }
+        let topics = subscriptions(&naming, tenant, event_types)?;
         let mut cfg = ClientConfig::new();
         cfg.set("bootstrap.servers", bootstrap);
         for (k, v) in &options.kafka {
@@ -315,4 +307,23 @@ impl DirectConsumer {
             retrying: s.retrying.load(Ordering::Relaxed),
         }
     }
+}
+
+/// The topic names (or patterns, for all tenants) of these event types.
+fn subscriptions(
+    naming: &Topics,
+    tenant: Option<&str>,
+    event_types: &[&str],
+) -> Result<Vec<String>, ClientError> {
+    let tenant = tenant
+        .map(|t| TenantId::parse(t).map_err(|e| ClientError::Invalid(e.0)))
+        .transpose()?;
+    event_types
+        .iter()
+        .map(|t| {
+            let e = EventType::parse(t)
+                .map_err(|e| ClientError::Invalid(format!("eventType: {}", e.0)))?;
+            Ok(naming.subscription(tenant.as_ref(), &e))
+        })
+        .collect()
 }

@@ -169,6 +169,55 @@ fn security_properties(
     if let Some(v) = java("security.protocol", "spring.kafka.security.protocol") {
         props.insert("security.protocol".to_owned(), v);
     }
+    java_stores(&java, &mut props)?;
+    if let Some(p) = java("ssl.key.password", "spring.kafka.ssl.key-password") {
+        props.insert("ssl.key.password".into(), p);
+    }
+    let algorithm = vars
+        .get("ssl.endpoint.identification.algorithm")
+        .or_else(|| vars.get("spring.kafka.properties.ssl.endpoint.identification.algorithm"));
+    if let Some(v) = algorithm {
+        // Java uses "" to switch host name verification off.
+        let v = v.trim();
+        props.insert(
+            "ssl.endpoint.identification.algorithm".into(),
+            if v.is_empty() {
+                "none".into()
+            } else {
+                v.to_owned()
+            },
+        );
+    }
+    if let Some(m) = r.get("sasl.mechanism") {
+        props.insert("sasl.mechanisms".into(), m);
+    }
+    if let Some(jaas) = r.get("sasl.jaas.config") {
+        for key in ["username", "password"] {
+            if let Some(value) = jaas_value(&jaas, key) {
+                props.insert(format!("sasl.{key}"), value);
+            }
+        }
+    }
+
+    shell_names(vars, &mut props);
+
+    if let Some(p) = props.get("security.protocol") {
+        if !SECURITY_PROTOCOLS.contains(&p.to_ascii_lowercase().as_str()) {
+            return Err(err(
+                "security.protocol",
+                format!("must be one of PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL, got \"{p}\""),
+            ));
+        }
+    }
+    Ok(props)
+}
+
+/// The Java module's trust store and key store settings: PEM trust stores and PKCS#12 key
+/// stores map onto librdkafka's; other kinds are refused with the command that converts them.
+fn java_stores(
+    java: &dyn Fn(&str, &str) -> Option<String>,
+    props: &mut BTreeMap<String, String>,
+) -> Result<(), ConfigError> {
     if let Some(location) = java(
         "ssl.truststore.location",
         "spring.kafka.ssl.trust-store-location",
@@ -212,36 +261,12 @@ fn security_properties(
             props.insert("ssl.keystore.password".into(), p);
         }
     }
-    if let Some(p) = java("ssl.key.password", "spring.kafka.ssl.key-password") {
-        props.insert("ssl.key.password".into(), p);
-    }
-    let algorithm = vars
-        .get("ssl.endpoint.identification.algorithm")
-        .or_else(|| vars.get("spring.kafka.properties.ssl.endpoint.identification.algorithm"));
-    if let Some(v) = algorithm {
-        // Java uses "" to switch host name verification off.
-        let v = v.trim();
-        props.insert(
-            "ssl.endpoint.identification.algorithm".into(),
-            if v.is_empty() {
-                "none".into()
-            } else {
-                v.to_owned()
-            },
-        );
-    }
-    if let Some(m) = r.get("sasl.mechanism") {
-        props.insert("sasl.mechanisms".into(), m);
-    }
-    if let Some(jaas) = r.get("sasl.jaas.config") {
-        for key in ["username", "password"] {
-            if let Some(value) = jaas_value(&jaas, key) {
-                props.insert(format!("sasl.{key}"), value);
-            }
-        }
-    }
+    Ok(())
+}
 
-    // Shell-friendly names map one to one and win.
+/// `KAFKA_SSL_*`, `KAFKA_SASL_*` and `KAFKA_SECURITY_PROTOCOL`: one to one onto librdkafka's
+/// names, winning over the dotted ones.
+fn shell_names(vars: &HashMap<String, String>, props: &mut BTreeMap<String, String>) {
     let mut upper: Vec<(&String, &String)> = vars
         .iter()
         .filter(|(k, _)| {
@@ -259,16 +284,6 @@ fn security_properties(
         let prop = k["KAFKA_".len()..].to_ascii_lowercase().replace('_', ".");
         props.insert(prop, v.to_owned());
     }
-
-    if let Some(p) = props.get("security.protocol") {
-        if !SECURITY_PROTOCOLS.contains(&p.to_ascii_lowercase().as_str()) {
-            return Err(err(
-                "security.protocol",
-                format!("must be one of PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL, got \"{p}\""),
-            ));
-        }
-    }
-    Ok(props)
 }
 
 /// A store's type from its file name, else `default`.

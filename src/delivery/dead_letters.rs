@@ -247,6 +247,23 @@ impl Engine {
             .collect()
     }
 
+    /// A consumer of a group of its own that commits nothing (a replay moves nobody's position).
+    fn replay_consumer(&self) -> Result<StreamConsumer, DeadLetterError> {
+        let group = format!(
+            "{}.mod-pubsub.replay.{}",
+            self.config.env,
+            uuid::Uuid::new_v4().simple()
+        );
+        Ok(crate::kafka::client_config(&self.config.kafka)
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set(
+                "fetch.wait.max.ms",
+                self.config.delivery.fetch_wait.as_millis().to_string(),
+            )
+            .create()?)
+    }
+
     /// Delivers to `module` again every event of `tenant` on its topics published since `from`
     /// (with the usual retries and dead letters). Returns the number of records read.
     pub async fn replay(
@@ -266,22 +283,7 @@ impl Engine {
         };
         let mut total = 0;
         for topic in topics {
-            let consumer: StreamConsumer = crate::kafka::client_config(&self.config.kafka)
-                .set(
-                    "group.id",
-                    format!(
-                        "{}.mod-pubsub.replay.{}",
-                        self.config.env,
-                        uuid::Uuid::new_v4().simple()
-                    ),
-                )
-                .set("enable.auto.commit", "false")
-                .set(
-                    "fetch.wait.max.ms",
-                    self.config.delivery.fetch_wait.as_millis().to_string(),
-                )
-                .create()?;
-            let consumer = Arc::new(consumer);
+            let consumer = Arc::new(self.replay_consumer()?);
             let (c, t) = (Arc::clone(&consumer), topic.clone());
             // Start offsets for the time, end offsets now; then assign.
             let ends =

@@ -138,19 +138,6 @@ fn documented_routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
 /// operations with a body 400 for a malformed one, 413 above `MAX_REQUEST_SIZE` and 422 in
 /// FOLIO's `errors` format naming the field. `X-Okapi-Tenant` is marked required.
 fn common_answers(api: &mut utoipa::openapi::OpenApi) {
-    use utoipa::openapi::path::ParameterIn;
-    use utoipa::openapi::{
-        schema::Type, Content, ObjectBuilder, Ref, RefOr, Required, Response, ResponseBuilder,
-    };
-    let plain = || Content::new(Some(ObjectBuilder::new().schema_type(Type::String)));
-    let text = |description: &str| -> RefOr<Response> {
-        ResponseBuilder::new()
-            .description(description)
-            .content("text/plain", plain())
-            .build()
-            .into()
-    };
-    let errors = Content::new(Some(Ref::from_schema_name("Errors")));
     for (path, item) in api.paths.paths.iter_mut() {
         if !(path.starts_with("/pubsub") || path.starts_with("/_/")) {
             continue;
@@ -164,43 +151,63 @@ fn common_answers(api: &mut utoipa::openapi::OpenApi) {
         .into_iter()
         .flatten()
         {
-            for p in op.parameters.iter_mut().flatten() {
-                if p.parameter_in == ParameterIn::Header && p.name == "X-Okapi-Tenant" {
-                    p.required = Required::True;
-                }
-            }
-            let has_body = op.request_body.is_some();
-            let answers = &mut op.responses.responses;
-            match answers.get_mut("400") {
-                None => {
-                    answers.insert(
-                        "400".into(),
-                        text("Bad request: a missing or invalid tenant, parameter or body"),
-                    );
-                }
-                // A 400 that documents JSON (the publisher declaration's errors) is also sent as
-                // text for a malformed request.
-                Some(RefOr::T(r)) if !r.content.contains_key("text/plain") => {
-                    r.content.insert("text/plain".into(), plain());
-                }
-                Some(_) => {}
-            }
-            answers
-                .entry("503".into())
-                .or_insert_with(|| text("PostgreSQL or Kafka did not answer in time"));
-            if has_body {
-                answers
-                    .entry("413".into())
-                    .or_insert_with(|| text("The body is larger than MAX_REQUEST_SIZE"));
-                answers.entry("422".into()).or_insert_with(|| {
-                    ResponseBuilder::new()
-                        .description("A field of the body is invalid (named in the errors)")
-                        .content("application/json", errors.clone())
-                        .build()
-                        .into()
-                });
-            }
+            add_common_answers(op);
         }
+    }
+}
+
+/// [`common_answers`] of one operation.
+fn add_common_answers(op: &mut utoipa::openapi::path::Operation) {
+    use utoipa::openapi::path::ParameterIn;
+    use utoipa::openapi::{
+        schema::Type, Content, ObjectBuilder, Ref, RefOr, Required, Response, ResponseBuilder,
+    };
+    let plain = || Content::new(Some(ObjectBuilder::new().schema_type(Type::String)));
+    let text = |description: &str| -> RefOr<Response> {
+        ResponseBuilder::new()
+            .description(description)
+            .content("text/plain", plain())
+            .build()
+            .into()
+    };
+    for p in op.parameters.iter_mut().flatten() {
+        if p.parameter_in == ParameterIn::Header && p.name == "X-Okapi-Tenant" {
+            p.required = Required::True;
+        }
+    }
+    let has_body = op.request_body.is_some();
+    let answers = &mut op.responses.responses;
+    match answers.get_mut("400") {
+        None => {
+            answers.insert(
+                "400".into(),
+                text("Bad request: a missing or invalid tenant, parameter or body"),
+            );
+        }
+        // A 400 that documents JSON (the publisher declaration's errors) is also sent as text
+        // for a malformed request.
+        Some(RefOr::T(r)) if !r.content.contains_key("text/plain") => {
+            r.content.insert("text/plain".into(), plain());
+        }
+        Some(_) => {}
+    }
+    answers
+        .entry("503".into())
+        .or_insert_with(|| text("PostgreSQL or Kafka did not answer in time"));
+    if has_body {
+        answers
+            .entry("413".into())
+            .or_insert_with(|| text("The body is larger than MAX_REQUEST_SIZE"));
+        answers.entry("422".into()).or_insert_with(|| {
+            ResponseBuilder::new()
+                .description("A field of the body is invalid (named in the errors)")
+                .content(
+                    "application/json",
+                    Content::new(Some(Ref::from_schema_name("Errors"))),
+                )
+                .build()
+                .into()
+        });
     }
 }
 
