@@ -61,19 +61,21 @@ async fn rows_past_retention_are_purged() {
     let mut env = app.env.clone();
     env.insert("AUDIT_RETENTION_DAYS".into(), "30".into());
     let _purger = TestApp::spawn_on(app.db.clone(), move |e| *e = env).await;
-    let mut left: Vec<String> = Vec::new();
-    for _ in 0..100 {
-        left = sqlx::query_scalar(
-            "SELECT event_id::text FROM diku_mod_pubsub.audit_message_payload ORDER BY 1",
-        )
-        .fetch_all(&app.pool)
-        .await
-        .unwrap();
-        if left.len() == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let left: Vec<String> = eventually_every(
+        "one payload is left after the purge",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || async {
+            let left: Vec<String> = sqlx::query_scalar(
+                "SELECT event_id::text FROM diku_mod_pubsub.audit_message_payload ORDER BY 1",
+            )
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+            (left.len() == 1).then_some(left)
+        },
+    )
+    .await;
     assert_eq!(
         left,
         vec![new_event.clone()],

@@ -186,12 +186,13 @@ async fn a_direct_consumer_reads_every_tenant_commits_and_dead_letters_failures(
     assert_eq!(dead[0].headers["pubsub.reason"], "handler refused");
     assert_eq!(dead[0].headers["pubsub.attempts"], "3");
     assert_eq!(*attempts_on_fail.lock().unwrap(), 3);
-    for _ in 0..300 {
-        if seen.lock().unwrap().len() >= 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually_every(
+        "both events handled",
+        Duration::from_secs(15),
+        Duration::from_millis(50),
+        || std::future::ready((seen.lock().unwrap().len() >= 2).then_some(())),
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut got = seen.lock().unwrap().clone();
     got.sort();

@@ -38,15 +38,16 @@ fn start_binary(env: &HashMap<String, String>) -> (Child, String) {
 }
 
 async fn wait_healthy(client: &reqwest::Client, base: &str) {
-    for _ in 0..300 {
-        if let Ok(r) = client.get(format!("{base}/admin/health")).send().await {
-            if r.status() == 200 {
-                return;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{base} did not become healthy");
+    eventually_every(
+        &format!("{base} becomes healthy"),
+        Duration::from_secs(15),
+        Duration::from_millis(50),
+        || async {
+            let r = client.get(format!("{base}/admin/health")).send().await;
+            r.ok().filter(|r| r.status() == 200).map(|_| ())
+        },
+    )
+    .await
 }
 
 /// Registers `mod-pub-1.0.0` as publisher and `mod-sub-1.0.0` as subscriber of `event_type`

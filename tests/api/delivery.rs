@@ -292,15 +292,16 @@ async fn dead_letters_can_be_listed_redelivered_and_subscribers_replayed() {
     let before = chrono::Utc::now() - chrono::Duration::seconds(1);
     let dead = publish(&app, "ADMIN", r#"{"n":"dead"}"#).await;
     // Two attempts (500, 500): dead-lettered.
-    let mut listed = Value::Null;
-    for _ in 0..200 {
-        listed = app.get_json("diku", "/pubsub/dead-letters").await;
-        if listed["totalRecords"] == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(listed["totalRecords"], 1, "{listed}");
+    let listed: Value = eventually_every(
+        "one dead letter listed",
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || async {
+            let listed = app.get_json("diku", "/pubsub/dead-letters").await;
+            (listed["totalRecords"] == 1).then_some(listed)
+        },
+    )
+    .await;
     let letter = &listed["deadLetters"][0];
     assert_eq!(letter["eventId"], dead.as_str());
     assert_eq!(letter["subscriber"], "mod-sub-1.0.0");
@@ -548,11 +549,16 @@ async fn a_stop_keeps_to_its_deadline_with_a_callback_hanging() {
     register_publisher(&app, "diku", "HANGING", "mod-pub-1.0.0").await;
     subscribe(&app, "mod-sub-1.0.0", "HANGING", "/hanging").await;
     publish(&app, "HANGING", "{}").await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while fake.concurrent.load(std::sync::atomic::Ordering::SeqCst) == 0 {
-        assert!(Instant::now() < deadline, "the callback never started");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually_every(
+        "the callback started",
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        || {
+            let started = fake.concurrent.load(std::sync::atomic::Ordering::SeqCst) > 0;
+            std::future::ready(started.then_some(()))
+        },
+    )
+    .await;
     let started = Instant::now();
     app.stop().await;
     let took = started.elapsed();

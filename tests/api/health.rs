@@ -18,23 +18,25 @@ async fn health_is_200_then_503_when_the_database_goes_away_then_200_again() {
 
     app.db.take_away().await;
 
-    let mut saw_503 = false;
-    for _ in 0..40 {
-        let r = app
-            .client
-            .get(app.url("/admin/health"))
-            .send()
-            .await
-            .unwrap();
-        if r.status() == 503 {
-            let body = text(r).await;
-            assert!(body.starts_with("database:"), "{body}");
-            saw_503 = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(saw_503, "health never reported the database down");
+    let body = eventually_every(
+        "health reports the database down",
+        Duration::from_secs(4),
+        Duration::from_millis(100),
+        || async {
+            let r = app
+                .client
+                .get(app.url("/admin/health"))
+                .send()
+                .await
+                .unwrap();
+            match r.status() {
+                reqwest::StatusCode::SERVICE_UNAVAILABLE => Some(text(r).await),
+                _ => None,
+            }
+        },
+    )
+    .await;
+    assert!(body.starts_with("database:"), "{body}");
 
     // A registry call during the outage is a 503, not a 500.
     let r = app
@@ -45,21 +47,21 @@ async fn health_is_200_then_503_when_the_database_goes_away_then_200_again() {
     assert_eq!(r.status(), 503);
 
     app.db.give_back().await;
-    let mut back = false;
-    for _ in 0..100 {
-        let r = app
-            .client
-            .get(app.url("/admin/health"))
-            .send()
-            .await
-            .unwrap();
-        if r.status() == 200 {
-            back = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(back, "health did not recover");
+    eventually_every(
+        "health recovers",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || async {
+            let r = app
+                .client
+                .get(app.url("/admin/health"))
+                .send()
+                .await
+                .unwrap();
+            (r.status() == 200).then_some(())
+        },
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -99,21 +101,19 @@ async fn graceful_stop_and_secrets_stay_out_of_logs() {
         .spawn()
         .unwrap();
     let client = reqwest::Client::new();
-    let mut up = false;
-    for _ in 0..200 {
-        if let Ok(r) = client
-            .get(format!("http://127.0.0.1:{port}/admin/health"))
-            .send()
-            .await
-        {
-            if r.status() == 200 {
-                up = true;
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(up, "binary did not come up");
+    eventually_every(
+        "the binary comes up",
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || async {
+            let r = client
+                .get(format!("http://127.0.0.1:{port}/admin/health"))
+                .send()
+                .await;
+            r.ok().filter(|r| r.status() == 200).map(|_| ())
+        },
+    )
+    .await;
     // SIGTERM: the service drains and exits 0.
     let pid = child.id().to_string();
     std::process::Command::new("kill")

@@ -118,16 +118,16 @@ async fn java_scenario(
 }
 
 async fn wait_until(got: &Arc<Mutex<Vec<ReceivedEvent>>>, n: usize) -> Vec<ReceivedEvent> {
-    for _ in 0..400 {
-        if got.lock().unwrap().len() >= n {
-            return got.lock().unwrap().clone();
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!(
-        "the direct consumer received {} of {n}",
-        got.lock().unwrap().len()
-    );
+    eventually_every(
+        &format!("the direct consumer receives {n}"),
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        || {
+            let got = got.lock().unwrap();
+            std::future::ready((got.len() >= n).then(|| got.clone()))
+        },
+    )
+    .await
 }
 
 #[tokio::test]

@@ -86,14 +86,17 @@ async fn a_failing_tenant_does_not_hold_up_the_same_modules_other_tenants() {
     // What an operator sees: alpha's partition is paused (its window is full of retrying
     // records), the module has records retrying, and its last failure.
     let module = r#"{module="mod-iso"}"#;
-    let mut seen = String::new();
-    for _ in 0..100 {
-        seen = crate::helpers::metrics(&app).await;
-        if metric(&seen, &format!("pubsub_delivery_paused_partitions{module}")) == Some(1.0) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let seen = eventually_every(
+        "alpha's partition shows as paused",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || async {
+            let seen = crate::helpers::metrics(&app).await;
+            let paused = metric(&seen, &format!("pubsub_delivery_paused_partitions{module}"));
+            (paused == Some(1.0)).then_some(seen)
+        },
+    )
+    .await;
     assert_eq!(
         metric(&seen, &format!("pubsub_delivery_paused_partitions{module}")),
         Some(1.0),
@@ -306,20 +309,21 @@ fn event_with(
 
 /// The dead letter of event `id`, waiting up to 10 s for it.
 async fn dead_letter_of(app: &TestApp, id: &str) -> Value {
-    let mut listed = Value::Null;
-    for _ in 0..200 {
-        listed = app.get_json("diku", "/pubsub/dead-letters").await;
-        if let Some(l) = listed["deadLetters"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|l| l["eventId"] == id)
-        {
-            return l.clone();
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{id} not dead-lettered: {listed}");
+    eventually_every(
+        &format!("{id} dead-lettered"),
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || async {
+            let listed = app.get_json("diku", "/pubsub/dead-letters").await;
+            listed["deadLetters"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|l| l["eventId"] == id)
+                .cloned()
+        },
+    )
+    .await
 }
 
 #[tokio::test]

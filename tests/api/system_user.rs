@@ -236,21 +236,25 @@ async fn a_failing_login_is_retried_and_reported_by_health() {
         )
         .await;
     assert_eq!(other.status(), 204);
-    let mut reported = String::new();
-    for _ in 0..100 {
-        let r = app
-            .client
-            .get(app.url("/admin/health"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        reported = r.text().await.unwrap();
-        if reported.contains("system user login failing for tenant diku") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let reported = eventually_every(
+        "health names the failing login",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || async {
+            let r = app
+                .client
+                .get(app.url("/admin/health"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            let reported = r.text().await.unwrap();
+            reported
+                .contains("system user login failing for tenant diku")
+                .then_some(reported)
+        },
+    )
+    .await;
     assert!(
         reported.contains("system user login failing for tenant diku"),
         "{reported}"
