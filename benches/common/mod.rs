@@ -319,7 +319,11 @@ impl Drop for Service {
 /// digits); empty input gives zeros.
 #[allow(dead_code)]
 pub fn quantiles(latencies: &[Duration], quantiles: &[f64]) -> Vec<Duration> {
-    let mut h = hdrhistogram::Histogram::<u64>::new(3).expect("a 3-digit histogram");
+    // Bounded, because `saturating_record` clamps to the highest trackable value instead of
+    // resizing: an auto-resizing histogram (`new(3)`, which starts at 2 µs) recorded every
+    // latency as 2 µs.
+    let mut h = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)
+        .expect("a 3-digit histogram up to an hour");
     for l in latencies {
         h.saturating_record(u64::try_from(l.as_micros()).unwrap_or(u64::MAX).max(1));
     }
