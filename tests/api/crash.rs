@@ -10,7 +10,32 @@ use crate::helpers::FakeOkapi;
 use crate::helpers::*;
 use crate::helpers::{event, new_id, register_publisher};
 
-fn start_binary(env: &HashMap<String, String>) -> (Child, String) {
+/// A `mod-pubsub serve` child that is killed when dropped, so a test that panics leaves no
+/// instance running (they load the machine and join later tests' groups).
+struct Instance(Child);
+
+impl std::ops::Deref for Instance {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Instance {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        // Ok for a child that has exited already (std keeps its status).
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_binary(env: &HashMap<String, String>) -> (Instance, String) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -34,7 +59,7 @@ fn start_binary(env: &HashMap<String, String>) -> (Child, String) {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    (child, format!("http://127.0.0.1:{port}"))
+    (Instance(child), format!("http://127.0.0.1:{port}"))
 }
 
 async fn wait_healthy(client: &reqwest::Client, base: &str) {
@@ -213,7 +238,7 @@ async fn three_instances_survive_repeated_kill_dash_nine() {
     // One callback at a time per instance, so that a round takes long enough to be interrupted.
     env.insert("DELIVERY_MAX_IN_FLIGHT".into(), "1".into());
     let client = reqwest::Client::new();
-    let mut instances: Vec<Child> = Vec::new();
+    let mut instances: Vec<Instance> = Vec::new();
     let mut bases: Vec<String> = Vec::new();
     for _ in 0..3 {
         let (child, base) = start_binary(&env);
