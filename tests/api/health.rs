@@ -7,14 +7,9 @@ use crate::helpers::*;
 #[tokio::test]
 async fn health_is_200_then_503_when_the_database_goes_away_then_200_again() {
     let app = TestApp::spawn().await;
-    let r = app
-        .client
-        .get(app.url("/admin/health"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    assert_eq!(text(r).await, "OK");
+    let (status, body) = app.health().await;
+    assert_eq!(status, 200);
+    assert_eq!(body, "OK");
 
     app.db.take_away().await;
 
@@ -23,16 +18,8 @@ async fn health_is_200_then_503_when_the_database_goes_away_then_200_again() {
         Duration::from_secs(4),
         Duration::from_millis(100),
         || async {
-            let r = app
-                .client
-                .get(app.url("/admin/health"))
-                .send()
-                .await
-                .unwrap();
-            match r.status() {
-                reqwest::StatusCode::SERVICE_UNAVAILABLE => Some(text(r).await),
-                _ => None,
-            }
+            let (status, body) = app.health().await;
+            (status == reqwest::StatusCode::SERVICE_UNAVAILABLE).then_some(body)
         },
     )
     .await;
@@ -51,15 +38,7 @@ async fn health_is_200_then_503_when_the_database_goes_away_then_200_again() {
         "health recovers",
         Duration::from_secs(10),
         Duration::from_millis(100),
-        || async {
-            let r = app
-                .client
-                .get(app.url("/admin/health"))
-                .send()
-                .await
-                .unwrap();
-            (r.status() == 200).then_some(())
-        },
+        || async { (app.health().await.0 == 200).then_some(()) },
     )
     .await;
 }
@@ -101,17 +80,10 @@ async fn graceful_stop_and_secrets_stay_out_of_logs() {
         .spawn()
         .unwrap();
     let client = reqwest::Client::new();
-    eventually_every(
-        "the binary comes up",
+    wait_healthy(
+        &client,
+        &format!("http://127.0.0.1:{port}"),
         Duration::from_secs(10),
-        Duration::from_millis(50),
-        || async {
-            let r = client
-                .get(format!("http://127.0.0.1:{port}/admin/health"))
-                .send()
-                .await;
-            r.ok().filter(|r| r.status() == 200).map(|_| ())
-        },
     )
     .await;
     // SIGTERM: the service drains and exits 0.

@@ -128,18 +128,8 @@ async fn a_failing_tenant_does_not_hold_up_the_same_modules_other_tenants() {
         .unwrap()
             > 1.7e9
     );
-    let r = app
-        .client
-        .get(app.url("/admin/health"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        r.status(),
-        200,
-        "a subscriber's trouble is not the service's"
-    );
-    let body = r.text().await.unwrap();
+    let (status, body) = app.health().await;
+    assert_eq!(status, 200, "a subscriber's trouble is not the service's");
     let line = body
         .lines()
         .find(|l| l.starts_with("delivery to mod-iso:"))

@@ -241,14 +241,8 @@ async fn a_failing_login_is_retried_and_reported_by_health() {
         Duration::from_secs(10),
         Duration::from_millis(100),
         || async {
-            let r = app
-                .client
-                .get(app.url("/admin/health"))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 200);
-            let reported = r.text().await.unwrap();
+            let (status, reported) = app.health().await;
+            assert_eq!(status, 200);
             reported
                 .contains("system user login failing for tenant diku")
                 .then_some(reported)

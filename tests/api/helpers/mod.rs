@@ -419,6 +419,21 @@ where
     }
 }
 
+/// Waits until the instance at `base` answers `GET /admin/health` with 200 (a process started
+/// outside [`TestApp`]).
+pub async fn wait_healthy(client: &reqwest::Client, base: &str, timeout: Duration) {
+    eventually_every(
+        &format!("{base} becomes healthy"),
+        timeout,
+        Duration::from_millis(50),
+        || async {
+            let r = client.get(format!("{base}/admin/health")).send().await;
+            r.ok().filter(|r| r.status() == 200).map(|_| ())
+        },
+    )
+    .await
+}
+
 /// Starts an install job and polls it the way Okapi does; returns the completed job.
 pub async fn install(app: &TestApp, tenant: &str, body: Value) -> Value {
     let r = app.post_json(tenant, "/_/tenant", &body).await;
