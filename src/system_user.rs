@@ -115,6 +115,16 @@ impl OkapiCall<'_> {
         let status = resp.status();
         Ok((status, resp.text().await.unwrap_or_default()))
     }
+
+    /// Sends `body` as JSON; the answer's status and text.
+    async fn send_json(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: &Value,
+    ) -> Result<(StatusCode, String), ProvisionError> {
+        self.send(self.request(method, path).json(body)).await
+    }
 }
 
 /// Creates or repairs the system user of a tenant; the error is the job's error message.
@@ -168,11 +178,7 @@ async fn repair_user(
     user["active"] = json!(true);
     user["type"] = json!("system");
     let (status, body) = okapi
-        .send(
-            okapi
-                .request(reqwest::Method::PUT, &format!("/users/{id}"))
-                .json(&user),
-        )
+        .send_json(reqwest::Method::PUT, &format!("/users/{id}"), &user)
         .await?;
     if status != StatusCode::NO_CONTENT {
         return Err(ProvisionError::UpdateUser {
@@ -192,7 +198,7 @@ async fn create_user(
     let id = uuid::Uuid::new_v4().to_string();
     let user = json!({"id": id, "username": name, "active": true, "type": "system", "personal": {"lastName": "System"}});
     let (status, _) = okapi
-        .send(okapi.request(reqwest::Method::POST, "/users").json(&user))
+        .send_json(reqwest::Method::POST, "/users", &user)
         .await?;
     if status != StatusCode::CREATED {
         return Err(ProvisionError::CreateUser {
@@ -203,11 +209,7 @@ async fn create_user(
     let credentials =
         json!({"username": name, "password": cfg.password.expose_secret(), "userId": id});
     let (status, _) = okapi
-        .send(
-            okapi
-                .request(reqwest::Method::POST, "/authn/credentials")
-                .json(&credentials),
-        )
+        .send_json(reqwest::Method::POST, "/authn/credentials", &credentials)
         .await?;
     if status != StatusCode::CREATED {
         return Err(ProvisionError::SaveCredentials {
@@ -269,10 +271,10 @@ async fn merge_permissions(
     perm_user["permissions"] = json!(merged);
     let id = perm_user["id"].as_str().unwrap_or_default().to_owned();
     let (status, body) = okapi
-        .send(
-            okapi
-                .request(reqwest::Method::PUT, &format!("/perms/users/{id}"))
-                .json(&perm_user),
+        .send_json(
+            reqwest::Method::PUT,
+            &format!("/perms/users/{id}"),
+            &perm_user,
         )
         .await?;
     if status != StatusCode::OK {
@@ -294,11 +296,7 @@ async fn add_permissions(
 ) -> Result<(), ProvisionError> {
     let perm_user = json!({"id": uuid::Uuid::new_v4().to_string(), "userId": user_id, "permissions": PERMISSIONS});
     let (status, body) = okapi
-        .send(
-            okapi
-                .request(reqwest::Method::POST, "/perms/users")
-                .json(&perm_user),
-        )
+        .send_json(reqwest::Method::POST, "/perms/users", &perm_user)
         .await?;
     if status != StatusCode::CREATED {
         return Err(ProvisionError::AddPermissions {
