@@ -103,9 +103,8 @@ fn percentile(latencies: &[Duration], p: f64) -> Duration {
 
 /// What a careful hand-written consumer does: up to `in_flight` POSTs at once, records of one
 /// key one after another, each partition's offset stored up to its oldest unfinished record
-/// (committed every 500 ms). The engine's consumer settings, and its fetchers' queue settings
-/// (1,000 records or 1 MiB queued per partition, fetched again 10 ms after it drains: with
-/// librdkafka's 1 s backoff a drained fast partition stalls).
+/// (committed every 500 ms). The engine's consumer settings, and its fetchers' queue limits
+/// (`partition_queue_limits`).
 async fn bare_loop(topic: &str, url: &str, n: usize, in_flight: usize) {
     let fetch_wait = Duration::from_millis(
         common::env_or("DELIVERY_FETCH_WAIT_MS", "20")
@@ -114,16 +113,14 @@ async fn bare_loop(topic: &str, url: &str, n: usize, in_flight: usize) {
     );
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", bootstrap());
-    let consumer: StreamConsumer = mod_pubsub::kafka::at_least_once_consumer(
+    mod_pubsub::kafka::at_least_once_consumer(
         &mut cfg,
         &format!("bare-{}", uuid::Uuid::new_v4()),
         fetch_wait,
-    )
-    .set("queued.min.messages", "1000")
-    .set("queued.max.messages.kbytes", "1024")
-    .set("fetch.queue.backoff.ms", "10")
-    .create()
-    .unwrap();
+    );
+    let consumer: StreamConsumer = mod_pubsub::kafka::partition_queue_limits(&mut cfg)
+        .create()
+        .unwrap();
     consumer.subscribe(&[topic]).unwrap();
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(in_flight.max(32))

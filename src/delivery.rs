@@ -325,8 +325,7 @@ impl Engine {
                 return;
             }
         };
-        let subscribe = |set: &BTreeSet<String>| subscribe(&dispatcher, &module, set);
-        subscribe(&topics.borrow_and_update());
+        subscribe(&dispatcher, &module, &topics.borrow_and_update());
         dispatcher.hints(self.published.subscribe());
         let stats = Arc::new(Stats::default());
         self.modules
@@ -361,7 +360,7 @@ impl Engine {
                 }
                 changed = topics.changed() => {
                     if changed.is_ok() {
-                        subscribe(&topics.borrow_and_update());
+                        subscribe(&dispatcher, &module, &topics.borrow_and_update());
                     }
                 }
             }

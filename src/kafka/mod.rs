@@ -155,6 +155,16 @@ pub fn at_least_once_consumer<'a>(
         .set("queued.max.messages.kbytes", "16384")
 }
 
+/// The queue limits of a consumer that reads each partition on a queue of its own (the delivery
+/// engine's fetchers; the delivery bench's bare loop): a partition that is not being read is
+/// fetched only up to 1,000 records or 1 MiB, and one below them is fetched again 10 ms after
+/// it drained (librdkafka's default of 1 s stalls a fast partition that was drained).
+pub fn partition_queue_limits(cfg: &mut ClientConfig) -> &mut ClientConfig {
+    cfg.set("queued.min.messages", "1000")
+        .set("queued.max.messages.kbytes", "1024")
+        .set("fetch.queue.backoff.ms", "10")
+}
+
 /// A record's headers as text (values that are not UTF-8 are converted lossily).
 pub fn record_headers<M: rdkafka::message::Message>(
     msg: &M,

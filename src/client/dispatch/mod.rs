@@ -77,7 +77,7 @@ use tokio::sync::{broadcast, mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::ClientError;
-use crate::kafka::at_least_once_consumer;
+use crate::kafka::{at_least_once_consumer, partition_queue_limits};
 
 mod lookups;
 mod offsets;
@@ -256,13 +256,11 @@ pub(crate) fn dispatcher_config<'a>(
 /// The settings of a fetcher: a consumer that never joins a group and fetches the partitions
 /// it is given from the positions it is given. (It has a `group.id` of its own, never joined
 /// and never committed to, because librdkafka takes incremental assignments only from a
-/// consumer with one.) Each partition has its own queue (split before
-/// fetching starts), so librdkafka's queue limits apply per partition: fetching a partition
-/// that is not being read stops at 1,000 records or 1 MiB (plus one fetch response of at most
-/// `fetch.message.max.bytes`, 1 MiB by default); a partition below them is fetched again after
-/// 10 ms (librdkafka's default of 1 s stalls a fast partition that was drained). Its metadata is
-/// refreshed at librdkafka's default interval (5 minutes; a leader change shows in fetch errors,
-/// which refresh it at once): the group member already refreshes the same topics often, and
+/// consumer with one.) Each partition has its own queue (split before fetching starts), so
+/// librdkafka's queue limits ([`partition_queue_limits`]) apply per partition (plus one fetch
+/// response of at most `fetch.message.max.bytes`, 1 MiB by default). Its metadata is refreshed
+/// at librdkafka's default interval (5 minutes; a leader change shows in fetch errors, which
+/// refresh it at once): the group member already refreshes the same topics often, and
 /// every refresh of thousands of topics costs allocations (heaptrack: metadata was 64 of 83 MiB
 /// of heap at 8,000 topics).
 fn fetcher_config(cfg: &mut ClientConfig, options: &DispatcherOptions) -> ClientConfig {
@@ -274,10 +272,8 @@ fn fetcher_config(cfg: &mut ClientConfig, options: &DispatcherOptions) -> Client
         .set(
             "fetch.wait.max.ms",
             options.fetch_wait.as_millis().to_string(),
-        )
-        .set("queued.min.messages", "1000")
-        .set("queued.max.messages.kbytes", "1024")
-        .set("fetch.queue.backoff.ms", "10");
+        );
+    partition_queue_limits(&mut cfg);
     cfg
 }
 
